@@ -1,0 +1,3 @@
+"""Built-in architectures; importing this package registers them all."""
+
+from sae.architectures import relu  # noqa: F401

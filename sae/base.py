@@ -1,0 +1,215 @@
+"""The dictionary module: the shared encode/decode form of every architecture.
+
+Every architecture computes pre-activations the same way and differs only in its
+activation function (relu, topk, jumprelu, ...):
+
+    pre = W_enc^T (x - b_dec) + b_enc          (b_dec subtracted only if apply_b_dec_to_input)
+    f   = act(pre),   x_hat = f W_dec + b_dec
+
+An architecture is one small file that subclasses `Dictionary`, overrides `activation`
+(and, where it has extra parameters, `extra_parameters`), and registers itself by name with
+`@register("name")`. Training objectives live in `training/`, never here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+ARCHITECTURES: dict[str, type[Dictionary]] = {}
+
+
+def register(name: str):
+    """Class decorator: make an architecture loadable by `name` in cfg.json."""
+
+    def deco(cls: type[Dictionary]) -> type[Dictionary]:
+        if name in ARCHITECTURES:
+            raise ValueError(f"architecture {name!r} registered twice")
+        cls.architecture = name
+        ARCHITECTURES[name] = cls
+        return cls
+
+    return deco
+
+
+@dataclass
+class DictionaryConfig:
+    """What `cfg.json` holds: enough to rebuild the module and to know where it belongs."""
+
+    architecture: str
+    """Registered architecture name (relu, topk, jumprelu, ...)."""
+    d_in: int
+    """Width of the hooked activation."""
+    d_sae: int
+    """Number of dictionary features."""
+    dtype: str = "float32"
+    """Dtype of the saved weights (float32, bfloat16, float16)."""
+    hook_name: str | None = None
+    """TransformerLens hook the dictionary reads, e.g. blocks.0.mlp.hook_post."""
+    model_name: str | None = None
+    """Language model the activations came from (hub name, path or bundled short name)."""
+    k: int | None = None
+    """Active features per token, for topk."""
+    apply_b_dec_to_input: bool = True
+    """Subtract b_dec from x before encoding (Anthropic/SAELens/sparsify yes; Gemma Scope no)."""
+    normalization: dict[str, Any] = field(default_factory=dict)
+    """Input scaling used in training, recorded for provenance; already folded into weights."""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """Training run facts: tokens seen, l1_coefficient, dataset, git commit, source format."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class EncoderOutput(NamedTuple):
+    """Sparse view of the codes: the active features of each row, largest first for topk."""
+
+    top_acts: Float[Tensor, "B K"]
+    top_indices: Int[Tensor, "B K"]
+
+
+class ForwardOutput(NamedTuple):
+    """Everything one forward pass computes that training and analysis need."""
+
+    x_hat: Float[Tensor, "B D"]
+    """Reconstruction of the input."""
+    feature_acts: Float[Tensor, "B F"]
+    """Dense feature activations f (zeros where inactive)."""
+    pre_acts: Float[Tensor, "B F"]
+    """Pre-activations W_enc^T (x - b_dec) + b_enc, before the activation function."""
+
+
+class Dictionary(nn.Module):
+    """Sparse autoencoder: x -> f (sparse, d_sae) -> x_hat (d_in)."""
+
+    architecture: ClassVar[str] = ""
+
+    def __init__(self, cfg: DictionaryConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d_in, d_sae = cfg.d_in, cfg.d_sae
+        self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        for name, shape in self.extra_parameters().items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape)))
+
+    # -- what an architecture file overrides -------------------------------------------------
+    def extra_parameters(self) -> dict[str, tuple[int, ...]]:
+        """Parameters beyond W_enc, b_enc, W_dec, b_dec (e.g. jumprelu's threshold)."""
+        return {}
+
+    def activation(self, pre_acts: Float[Tensor, "B F"]) -> Float[Tensor, "B F"]:
+        """The architecture's nonlinearity: pre-activations to dense codes."""
+        raise NotImplementedError
+
+    # -- the shared form ----------------------------------------------------------------------
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
+
+    def pre_activations(self, x: Float[Tensor, "B D"]) -> Float[Tensor, "B F"]:
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def encode(self, x: Float[Tensor, "B D"]) -> Float[Tensor, "B F"]:
+        """Dense feature activations f for inputs x (any leading dims)."""
+        return self.activation(self.pre_activations(x))
+
+    def encode_sparse(self, x: Float[Tensor, "B D"], k: int | None = None) -> EncoderOutput:
+        """The k largest activations of each row (k defaults to cfg.k, else the max L0 seen)."""
+        f = self.encode(x)
+        if k is None:
+            k = self.cfg.k or max(int((f != 0).sum(-1).max().item()), 1)
+        acts, idx = f.topk(k, dim=-1, sorted=True)
+        return EncoderOutput(acts, idx)
+
+    def decode(self, f: Float[Tensor, "B F"]) -> Float[Tensor, "B D"]:
+        """Dense reference decode: x_hat = f W_dec + b_dec."""
+        return f @ self.W_dec + self.b_dec
+
+    def decode_sparse(
+        self, top_acts: Float[Tensor, "B K"], top_indices: Int[Tensor, "B K"]
+    ) -> Float[Tensor, "B D"]:
+        """Decode touching only the active rows of W_dec (same values and gradients as decode).
+
+        `embedding_bag` gathers K decoder rows per input instead of multiplying by a mostly-zero
+        [B, F] matrix: the cost is O(B K D) rather than O(B F D), as in sparsify's decoder.
+        """
+        lead = top_acts.shape[:-1]
+        acts = top_acts.reshape(-1, top_acts.shape[-1])
+        idx = top_indices.reshape(-1, top_indices.shape[-1])
+        out = F.embedding_bag(
+            idx, self.W_dec, per_sample_weights=acts.to(self.W_dec.dtype), mode="sum"
+        )
+        return (out + self.b_dec).reshape(*lead, self.d_in)
+
+    def forward(self, x: Float[Tensor, "B D"]) -> ForwardOutput:
+        pre = self.pre_activations(x)
+        f = self.activation(pre)
+        return ForwardOutput(x_hat=self.decode(f), feature_acts=f, pre_acts=pre)
+
+    def feature_direction(self, feature_id: int) -> Float[Tensor, " D"]:
+        """Unit vector the feature writes into activation space (its decoder row, normalised)."""
+        if not 0 <= feature_id < self.d_sae:
+            raise IndexError(f"feature_id {feature_id} out of range [0, {self.d_sae})")
+        row = self.W_dec[feature_id]
+        return row / row.norm().clamp_min(1e-12)
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Make a dictionary trained on `scale * x` act on raw x (issue 2: users never rescale).
+
+        pre = W_enc^T (s x - b_dec) + b_enc = (s W_enc)^T (x - b_dec / s) + b_enc, and the
+        reconstruction of x is (f W_dec + b_dec) / s. Codes f are unchanged.
+        """
+        self.W_enc.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)
+        self.cfg.normalization = {**self.cfg.normalization, "folded_input_scale": scale}
+
+    # -- I/O lives in sae/io.py; these are the conveniences users call -----------------------
+    def save(self, path: Any) -> None:
+        from sae.io import save_dictionary
+
+        save_dictionary(self, path)
+
+    @classmethod
+    def load(
+        cls, path_or_repo: Any, device: str | torch.device = "cpu", **kwargs: Any
+    ) -> Dictionary:
+        from sae.io import load_dictionary
+
+        return load_dictionary(path_or_repo, device=device, **kwargs)
+
+
+def build(cfg: DictionaryConfig) -> Dictionary:
+    """Instantiate the registered architecture named in cfg (weights zero-filled)."""
+    from sae import architectures  # noqa: F401  (registers the built-in architectures)
+
+    try:
+        arch = ARCHITECTURES[cfg.architecture]
+    except KeyError:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise ValueError(f"unknown architecture {cfg.architecture!r}; known: {known}") from None
+    return arch(cfg)

@@ -1,0 +1,74 @@
+"""The `sae` command. Each subcommand lives beside the package that owns it and is imported
+lazily, so `sae info` never pays for importing a language-model stack.
+
+A subcommand module defines `add_parser(subparsers) -> argparse.ArgumentParser` and sets
+`func=run` on it; `run(args)` returns an exit code. `UserError`s become one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from sae.errors import UserError
+
+# name -> module defining add_parser(); order is the order shown in --help.
+SUBCOMMANDS: dict[str, str] = {
+    "info": "sae.info_cmd",
+    "export": "sae.info_cmd",
+    "train-lm": "activations.train_lm",
+    "cache": "activations.cli",
+    "train": "training.cli",
+    "analyze": "activations.analyze",
+    "compare": "activations.analyze",
+    "serve": "server.cli",
+    "demo": "server.demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sae", description="Sparse-autoencoder feature dictionaries: cache, train, serve."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    seen: set[str] = set()
+    for name, module_name in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and module_name.startswith(e.name):
+                continue  # that part of the project is not built yet
+            raise
+        if module_name in seen:
+            continue
+        seen.add(module_name)
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"sae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sae {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The HTTP feature service: FastAPI app, schemas, settings, and the web feature browser."""

@@ -1,0 +1,2 @@
+"""Training dictionaries on an iterator of activation batches: objectives, trainer, resampling,
+evals, checkpoints."""
