@@ -1,3 +1,3 @@
 """Built-in architectures; importing this package registers them all."""
 
-from sae.architectures import relu  # noqa: F401
+from sae.architectures import batchtopk, jumprelu, relu, topk  # noqa: F401

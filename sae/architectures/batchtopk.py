@@ -1,0 +1,81 @@
+"""BatchTopK dictionary (Bussmann et al. 2024, "BatchTopK Sparse Autoencoders").
+
+Training: keep the k*B largest ReLU(pre) over the whole batch of B rows (so k is the mean L0,
+and easy tokens use fewer features than hard ones). Inference cannot depend on the batch, so
+a scalar `threshold` is estimated during training (a running average of the smallest kept
+activation, updated by the trainer via `update_threshold`) and the dictionary is saved as a
+`jumprelu` with that threshold on every feature: f = ReLU(pre) * (pre > threshold).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from sae.base import Dictionary, DictionaryConfig, EncoderOutput, register
+
+
+@register("batchtopk")
+class BatchTopKDictionary(Dictionary):
+    needs_k: ClassVar[bool] = True
+    threshold: Tensor
+    """Scalar inference threshold; negative until the first `update_threshold`."""
+
+    def __init__(self, cfg: DictionaryConfig) -> None:
+        if cfg.k is None or not 1 <= cfg.k <= cfg.d_sae:
+            raise ValueError(f"batchtopk needs 1 <= k <= d_sae={cfg.d_sae}, got k={cfg.k}")
+        super().__init__(cfg)
+        # A buffer, not a Parameter: the optimizer must not touch it, but it is saved.
+        self.register_buffer("threshold", torch.tensor(-1.0))
+
+    def activation(self, pre_acts: Float[Tensor, "B F"]) -> Float[Tensor, "B F"]:
+        assert self.cfg.k is not None  # checked in __init__
+        flat = torch.relu(pre_acts).reshape(-1, pre_acts.shape[-1])
+        n_keep = min(self.cfg.k * flat.shape[0], flat.numel())
+        acts, idx = flat.flatten().topk(n_keep, sorted=False)
+        f = torch.zeros_like(flat.flatten()).scatter(-1, idx, acts)
+        return f.reshape(pre_acts.shape)
+
+    def encode_sparse(self, x: Float[Tensor, "B D"], k: int | None = None) -> EncoderOutput:
+        """Active features of each row; rows differ in L0, so k defaults to the batch's max."""
+        f = self.encode(x)
+        if k is None:
+            k = max(int((f != 0).sum(-1).max().item()), 1)
+        acts, idx = f.topk(k, dim=-1, sorted=True)
+        return EncoderOutput(acts, idx)
+
+    @torch.no_grad()
+    def update_threshold(self, feature_acts: Float[Tensor, "B F"], lr: float = 0.01) -> None:
+        """Move the threshold toward the smallest positive kept activation of this batch.
+
+        An exponential moving average as in Bussmann et al.'s reference code (and SAELens's
+        `topk_threshold_lr`); the first call sets it directly.
+        """
+        positive = feature_acts[feature_acts > 0]
+        if positive.numel() == 0:
+            return
+        smallest = positive.min().to(self.threshold.dtype)
+        if self.threshold < 0:
+            self.threshold.copy_(smallest)
+        else:
+            self.threshold.lerp_(smallest, lr)
+
+    def to_inference(self) -> Dictionary:
+        """The equivalent batch-independent `jumprelu` dictionary (what `save` writes)."""
+        from sae.base import build
+
+        if not bool(torch.isfinite(self.threshold)) or float(self.threshold) < 0:
+            raise ValueError(
+                "batchtopk threshold was never estimated (call update_threshold during training)"
+            )
+        cfg = DictionaryConfig(**{**self.cfg.to_json(), "architecture": "jumprelu"})
+        cfg.provenance = {**cfg.provenance, "trained_as": "batchtopk"}
+        out = build(cfg).to(device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                getattr(out, name).copy_(getattr(self, name))
+            out.get_parameter("threshold").fill_(float(self.threshold))
+        return out

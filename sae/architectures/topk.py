@@ -1,0 +1,57 @@
+"""TopK dictionary (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+f = TopK_k(ReLU(W_enc^T (x - b_dec) + b_enc)),  x_hat = f W_dec + b_dec.
+Exactly k features per row (fewer if fewer are positive); the AuxK loss for dead latents
+lives in training/objectives and reads `pre_acts` from `forward`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from sae.base import Dictionary, DictionaryConfig, EncoderOutput, ForwardOutput, register
+
+
+@register("topk")
+class TopKDictionary(Dictionary):
+    needs_k: ClassVar[bool] = True
+    sparse_decode: bool = True
+    """forward decodes through decode_sparse (O(B K D)); set False for the dense reference."""
+
+    def __init__(self, cfg: DictionaryConfig) -> None:
+        if cfg.k is None or not 1 <= cfg.k <= cfg.d_sae:
+            raise ValueError(f"topk needs 1 <= k <= d_sae={cfg.d_sae}, got k={cfg.k}")
+        super().__init__(cfg)
+
+    @property
+    def k(self) -> int:
+        assert self.cfg.k is not None  # checked in __init__
+        return self.cfg.k
+
+    def _topk(self, pre_acts: Float[Tensor, "B F"]) -> EncoderOutput:
+        # ReLU before TopK, as in Gao et al. and sparsify: a negative pre-activation never fires
+        # even when fewer than k features are positive.
+        acts, idx = torch.relu(pre_acts).topk(self.k, dim=-1, sorted=True)
+        return EncoderOutput(acts, idx)
+
+    def activation(self, pre_acts: Float[Tensor, "B F"]) -> Float[Tensor, "B F"]:
+        acts, idx = self._topk(pre_acts)
+        return torch.zeros_like(pre_acts).scatter(-1, idx, acts)
+
+    def encode_sparse(self, x: Float[Tensor, "B D"], k: int | None = None) -> EncoderOutput:
+        """The exact top-k codes of each row, largest first (k may be lowered, not raised)."""
+        acts, idx = self._topk(self.pre_activations(x))
+        if k is not None and k < self.k:
+            acts, idx = acts[..., :k], idx[..., :k]
+        return EncoderOutput(acts, idx)
+
+    def forward(self, x: Float[Tensor, "B D"]) -> ForwardOutput:
+        pre = self.pre_activations(x)
+        acts, idx = self._topk(pre)
+        f = torch.zeros_like(pre).scatter(-1, idx, acts)
+        x_hat = self.decode_sparse(acts, idx) if self.sparse_decode else self.decode(f)
+        return ForwardOutput(x_hat=x_hat, feature_acts=f, pre_acts=pre)
