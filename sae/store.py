@@ -1,0 +1,727 @@
+"""The feature store: per-feature statistics, examples and labels of one dictionary.
+
+Written by `sae analyze` (activations/analysis.py), read by the HTTP service and by users.
+It imports only numpy and the standard library, so the server can read it without a
+language-model stack.
+
+Layout (issue 6), by default `<dictionary dir>/analysis/`:
+
+    features.sqlite          SQLite in WAL mode: meta, per-feature statistics and logit
+                             effects, user labels (kept across re-analysis), FTS5 index
+    arrays-<id>/*.npy        large arrays, memory-mapped on read: example token windows and
+                             per-token activations, histograms; vocab.json (token strings)
+
+Re-analysis writes a fresh `arrays-<id>/` directory (atomically, under a temporary name),
+then swaps the statistics and the pointer to the new arrays in ONE SQLite transaction, so a
+reader sees either the old analysis or the new one, never a mix. Labels live in their own
+table and are never touched by re-analysis. The previous arrays directory is kept one
+generation longer so readers that looked up the old pointer can still open it.
+
+Concurrency: any number of reader threads/processes and one writer at a time (WAL). Each
+thread gets its own connection; a busy database is waited for (`busy_timeout`), not failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import shutil
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from sae.atomic import atomic_dir
+from sae.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DB_NAME = "features.sqlite"
+ANALYSIS_DIR = "analysis"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 30_000
+
+OrderBy = Literal["feature_id", "density", "max_act", "mean_act"]
+ORDER_COLUMNS: tuple[str, ...] = ("feature_id", "density", "max_act", "mean_act")
+
+
+# -- records returned to readers ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """What was analysed and how."""
+
+    dictionary: str
+    """Dictionary name or path the statistics belong to."""
+    hook_name: str
+    """TransformerLens hook the dictionary reads."""
+    model_name: str
+    """Language model the text was run through."""
+    d_in: int
+    """Width of the hooked activation."""
+    d_sae: int
+    """Number of features."""
+    n_tokens: int
+    """Tokens analysed."""
+    n_top: int
+    """Top-activating examples kept per feature."""
+    n_quantiles: int
+    """Activation-quantile buckets of the sampled examples."""
+    examples_per_quantile: int
+    """Sampled examples per quantile bucket."""
+    context_before: int
+    """Tokens kept before the activating token in each example window."""
+    context_after: int
+    """Tokens kept after the activating token in each example window."""
+    histogram_edges: list[float]
+    """Bin edges shared by every feature's activation histogram (log-spaced)."""
+    created_at: str
+    """ISO-8601 UTC time the analysis finished."""
+    generation: int
+    """Incremented by every re-analysis."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance: text source, dtype, logit-effect method, ..."""
+
+
+@dataclass(frozen=True)
+class TokenEffect:
+    """One output token a feature's decoder direction promotes (value > 0) or suppresses."""
+
+    token: str
+    token_id: int
+    value: float
+    """Direct logit effect of a unit-norm decoder direction (see activations/analysis.py)."""
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Activation histogram over the tokens where the feature fires (activation > 0)."""
+
+    edges: list[float]
+    """len(counts) + 1 bin edges; values outside are counted in the first/last bin."""
+    counts: list[int]
+
+
+@dataclass(frozen=True)
+class Label:
+    """A user- or tool-written explanation of a feature."""
+
+    id: int
+    feature_id: int
+    text: str
+    author: str
+    created_at: str
+    """ISO-8601 UTC."""
+
+
+@dataclass(frozen=True)
+class FeatureSummary:
+    """One row of a feature list or search result."""
+
+    feature_id: int
+    density: float
+    """Fraction of analysed tokens where the feature fires."""
+    mean_act: float
+    """Mean activation over the tokens where it fires (0 if it never fires)."""
+    max_act: float
+    top_tokens: list[str]
+    """The tokens at the maxima of the top examples, distinct, strongest first."""
+    label: str | None
+    """The most recent label, if any."""
+
+
+@dataclass(frozen=True)
+class FeatureRecord:
+    """Everything the store knows about one feature except its examples."""
+
+    feature_id: int
+    n_fires: int
+    """Number of analysed tokens where the feature fires."""
+    density: float
+    mean_act: float
+    max_act: float
+    top_tokens: list[str]
+    histogram: Histogram
+    promoted: list[TokenEffect]
+    """Output tokens the decoder direction raises most, strongest first."""
+    suppressed: list[TokenEffect]
+    """Output tokens it lowers most, strongest (most negative) first."""
+    labels: list[Label]
+    """Oldest first."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """A token window around one activation of a feature."""
+
+    tokens: list[str]
+    token_ids: list[int]
+    acts: list[float]
+    """The feature's activation on every token of the window."""
+    max_index: int
+    """Index in `tokens` of the activating token the example was chosen for."""
+    max_act: float
+    """Activation at `max_index`."""
+    sequence: int
+    """Index of the context (packed token sequence) in the analysed stream."""
+    position: int
+    """Position of the activating token inside that context."""
+    quantile: int | None = None
+    """For quantile examples: bucket 0 (weakest) .. n_quantiles-1 (strongest); else None."""
+
+
+# -- what an analysis hands to the store -----------------------------------------------------
+
+
+@dataclass
+class FeatureArrays:
+    """The full result of one analysis, as numpy arrays (F = d_sae, N = n_top, W = window,
+    Q = sampled examples, B = histogram bins, K = logit-effect list length).
+
+    Empty example slots have sequence -1; padding tokens in windows have id -1.
+    """
+
+    meta: StoreMeta
+    vocab: list[str]
+    """Display string of every token id."""
+    n_fires: np.ndarray  # [F] int64
+    sum_acts: np.ndarray  # [F] float64, over firing tokens
+    max_act: np.ndarray  # [F] float32
+    hist_counts: np.ndarray  # [F, B] int64
+    top_token_ids: np.ndarray  # [F, N, W] int32
+    top_acts: np.ndarray  # [F, N, W] float32
+    top_sequence: np.ndarray  # [F, N] int64
+    top_position: np.ndarray  # [F, N] int32
+    q_token_ids: np.ndarray  # [F, Q, W] int32
+    q_acts: np.ndarray  # [F, Q, W] float32
+    q_sequence: np.ndarray  # [F, Q] int64
+    q_position: np.ndarray  # [F, Q] int32
+    q_bucket: np.ndarray  # [F, Q] int16
+    promoted_ids: np.ndarray  # [F, K] int32
+    promoted_values: np.ndarray  # [F, K] float32
+    suppressed_ids: np.ndarray  # [F, K] int32
+    suppressed_values: np.ndarray  # [F, K] float32
+
+    ARRAY_FIELDS: ClassVar[tuple[str, ...]] = (
+        "n_fires",
+        "sum_acts",
+        "max_act",
+        "hist_counts",
+        "top_token_ids",
+        "top_acts",
+        "top_sequence",
+        "top_position",
+        "q_token_ids",
+        "q_acts",
+        "q_sequence",
+        "q_position",
+        "q_bucket",
+        "promoted_ids",
+        "promoted_values",
+        "suppressed_ids",
+        "suppressed_values",
+    )
+
+    def validate(self) -> None:
+        F = self.meta.d_sae
+        for name in self.ARRAY_FIELDS:
+            arr = getattr(self, name)
+            if arr.shape[0] != F:
+                raise ValueError(f"FeatureArrays.{name} has {arr.shape[0]} rows, d_sae is {F}")
+
+
+# -- the store -------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS features (
+    feature_id INTEGER PRIMARY KEY,
+    n_fires INTEGER NOT NULL,
+    density REAL NOT NULL,
+    mean_act REAL NOT NULL,
+    max_act REAL NOT NULL,
+    top_tokens TEXT NOT NULL,      -- JSON list of strings
+    promoted TEXT NOT NULL,        -- JSON [[token, token_id, value], ...]
+    suppressed TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS features_density ON features(density);
+CREATE INDEX IF NOT EXISTS features_max_act ON features(max_act);
+CREATE INDEX IF NOT EXISTS features_mean_act ON features(mean_act);
+CREATE TABLE IF NOT EXISTS labels (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    feature_id INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    author TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS labels_feature ON labels(feature_id, id);
+CREATE VIRTUAL TABLE IF NOT EXISTS feature_fts USING fts5(labels, top_tokens, logits);
+"""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def resolve_store_dir(path: str | Path) -> Path:
+    """A dictionary dir -> its `analysis/`; an analysis dir or its `features.sqlite` -> the dir."""
+    path = Path(path).expanduser()
+    if path.name == DB_NAME:
+        return path.parent
+    if (path / DB_NAME).exists():
+        return path
+    if (path / "cfg.json").is_file():
+        return path / ANALYSIS_DIR
+    return path
+
+
+class _Arrays:
+    """The memory-mapped arrays of one analysis generation."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.vocab: list[str] = json.loads((root / "vocab.json").read_text())
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        arr = self._cache.get(name)
+        if arr is None:
+            arr = np.load(self.root / f"{name}.npy", mmap_mode="r")
+            self._cache[name] = arr
+        return arr
+
+
+class FeatureStore:
+    """Read and write one dictionary's feature store. Thread-safe; see the module docstring."""
+
+    def __init__(self, root: Path, readonly: bool) -> None:
+        self.root = root
+        self.readonly = readonly
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._arrays: dict[str, _Arrays] = {}
+
+    # -- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, readonly: bool = False) -> FeatureStore:
+        """Open (and, unless readonly, create) the store for a dictionary dir or analysis dir."""
+        root = resolve_store_dir(path)
+        if readonly and not (root / DB_NAME).is_file():
+            raise UserError(f"no feature store at {root}: run `sae analyze` on the dictionary")
+        if not readonly:
+            root.mkdir(parents=True, exist_ok=True)
+        store = cls(root, readonly)
+        if not readonly:
+            # executescript manages its own transaction; every statement is idempotent.
+            store._conn().executescript(_SCHEMA)
+            with store._write() as conn:
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                    (json.dumps(SCHEMA_VERSION),),
+                )
+        return store
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / DB_NAME
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            if self.readonly:
+                uri = f"file:{self.db_path}?mode=ro"
+            else:
+                uri = f"file:{self.db_path}?mode=rwc"
+            conn = sqlite3.connect(
+                uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+            )
+            conn.isolation_level = None  # explicit BEGIN/COMMIT below
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if not self.readonly:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+            self._local.conn = conn
+            with self._lock:
+                self._conns.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._conns:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._conns.clear()
+            self._arrays.clear()
+        self._local = threading.local()
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: every query inside sees one snapshot of the database."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        if self.readonly:
+            raise UserError(f"the feature store at {self.root} was opened read-only")
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # -- reading -------------------------------------------------------------------------------
+    @staticmethod
+    def _meta_value(conn: sqlite3.Connection, key: str) -> Any:
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def has_statistics(self) -> bool:
+        """True once an analysis has been stored."""
+        with self._read() as conn:
+            return self._meta_value(conn, "store_meta") is not None
+
+    def meta(self) -> StoreMeta:
+        """What was analysed. UserError if the store holds no analysis yet."""
+        with self._read() as conn:
+            return self._require_meta(conn)
+
+    def _require_meta(self, conn: sqlite3.Connection) -> StoreMeta:
+        raw = self._meta_value(conn, "store_meta")
+        if raw is None:
+            raise UserError(f"the feature store at {self.root} holds no analysis yet")
+        return StoreMeta(**raw)
+
+    def _check_id(self, meta: StoreMeta, feature_id: int) -> None:
+        if not 0 <= feature_id < meta.d_sae:
+            raise UserError(f"feature_id {feature_id} out of range [0, {meta.d_sae})")
+
+    def feature(self, feature_id: int) -> FeatureRecord:
+        """Statistics, histogram, logit effects and labels of one feature."""
+        feature_id = int(feature_id)
+        with self._read() as conn:
+            meta = self._require_meta(conn)
+            self._check_id(meta, feature_id)
+            row = conn.execute(
+                "SELECT n_fires, density, mean_act, max_act, top_tokens, promoted, suppressed "
+                "FROM features WHERE feature_id = ?",
+                (feature_id,),
+            ).fetchone()
+            labels = self._labels(conn, feature_id)
+            arrays_dir = self._meta_value(conn, "arrays_dir")
+        counts = self._with_arrays(arrays_dir, lambda a: a["hist_counts"][feature_id].tolist())
+        n_fires, density, mean_act, max_act, top_tokens, promoted, suppressed = row
+        return FeatureRecord(
+            feature_id=feature_id,
+            n_fires=int(n_fires),
+            density=float(density),
+            mean_act=float(mean_act),
+            max_act=float(max_act),
+            top_tokens=json.loads(top_tokens),
+            histogram=Histogram(edges=list(meta.histogram_edges), counts=counts),
+            promoted=[TokenEffect(t, int(i), float(v)) for t, i, v in json.loads(promoted)],
+            suppressed=[TokenEffect(t, int(i), float(v)) for t, i, v in json.loads(suppressed)],
+            labels=labels,
+        )
+
+    def top_examples(self, feature_id: int, offset: int = 0, limit: int = 20) -> list[Example]:
+        """The feature's strongest activations, strongest first (ties: earliest token first)."""
+        return self._examples(feature_id, "top", offset, limit)
+
+    def quantile_examples(
+        self, feature_id: int, offset: int = 0, limit: int = 100
+    ) -> list[Example]:
+        """A uniform sample of the feature's activations, sorted by quantile bucket
+        (weakest first) and by activation inside a bucket, as auto-interpretation uses."""
+        return self._examples(feature_id, "q", offset, limit)
+
+    def _examples(self, feature_id: int, kind: str, offset: int, limit: int) -> list[Example]:
+        feature_id = int(feature_id)
+        if offset < 0 or limit < 0:
+            raise UserError("offset and limit must be non-negative")
+        with self._read() as conn:
+            meta = self._require_meta(conn)
+            self._check_id(meta, feature_id)
+            arrays_dir = self._meta_value(conn, "arrays_dir")
+        before = meta.context_before
+
+        def read(a: _Arrays) -> list[Example]:
+            seq = a[f"{kind}_sequence"][feature_id]
+            valid = np.flatnonzero(seq >= 0)[offset : offset + limit]
+            ids = np.asarray(a[f"{kind}_token_ids"][feature_id, valid])
+            acts = np.asarray(a[f"{kind}_acts"][feature_id, valid])
+            pos = np.asarray(a[f"{kind}_position"][feature_id, valid])
+            buckets = np.asarray(a["q_bucket"][feature_id, valid]) if kind == "q" else None
+            out = []
+            for j, slot in enumerate(valid):
+                keep = ids[j] >= 0
+                left_pad = int((~keep[:before]).sum())
+                tok_ids = ids[j][keep].tolist()
+                out.append(
+                    Example(
+                        tokens=[a.vocab[t] if t < len(a.vocab) else f"<{t}>" for t in tok_ids],
+                        token_ids=tok_ids,
+                        acts=acts[j][keep].astype(float).tolist(),
+                        max_index=before - left_pad,
+                        max_act=float(acts[j][before]),
+                        sequence=int(seq[slot]),
+                        position=int(pos[j]),
+                        quantile=None if buckets is None else int(buckets[j]),
+                    )
+                )
+            return out
+
+        return self._with_arrays(arrays_dir, read)
+
+    def vocab(self) -> list[str]:
+        """Display strings of every token id of the analysed model."""
+        with self._read() as conn:
+            self._require_meta(conn)
+            arrays_dir = self._meta_value(conn, "arrays_dir")
+        return self._with_arrays(arrays_dir, lambda a: a.vocab)
+
+    def features(
+        self,
+        offset: int = 0,
+        limit: int = 50,
+        order_by: OrderBy = "feature_id",
+        descending: bool = False,
+    ) -> list[FeatureSummary]:
+        """A page of the feature list."""
+        if order_by not in ORDER_COLUMNS:
+            raise UserError(f"order_by must be one of {', '.join(ORDER_COLUMNS)}, not {order_by!r}")
+        if offset < 0 or limit < 0:
+            raise UserError("offset and limit must be non-negative")
+        direction = "DESC" if descending else "ASC"
+        with self._read() as conn:
+            self._require_meta(conn)
+            rows = conn.execute(
+                f"SELECT feature_id FROM features ORDER BY {order_by} {direction}, feature_id "
+                "LIMIT ? OFFSET ?",
+                (limit, offset),
+            ).fetchall()
+            return self._summaries(conn, [r[0] for r in rows])
+
+    def search(self, query: str, limit: int = 20, offset: int = 0) -> list[FeatureSummary]:
+        """Full-text search (FTS5, every word must match, prefix match on the last) over
+        labels, top-activating tokens and promoted/suppressed tokens; best match first."""
+        words = [w for w in query.split() if w]
+        if not words:
+            return []
+        # Quote every word so user text is never parsed as FTS5 syntax.
+        terms = ['"' + w.replace('"', '""') + '"' for w in words]
+        terms[-1] += "*"
+        match = " ".join(terms)
+        with self._read() as conn:
+            self._require_meta(conn)
+            rows = conn.execute(
+                "SELECT rowid FROM feature_fts WHERE feature_fts MATCH ? "
+                "ORDER BY bm25(feature_fts, 4.0, 1.0, 1.0), rowid LIMIT ? OFFSET ?",
+                (match, limit, offset),
+            ).fetchall()
+            return self._summaries(conn, [r[0] for r in rows])
+
+    def labels(self, feature_id: int) -> list[Label]:
+        """Labels of a feature, oldest first."""
+        with self._read() as conn:
+            return self._labels(conn, int(feature_id))
+
+    @staticmethod
+    def _labels(conn: sqlite3.Connection, feature_id: int) -> list[Label]:
+        rows = conn.execute(
+            "SELECT id, feature_id, text, author, created_at FROM labels "
+            "WHERE feature_id = ? ORDER BY id",
+            (feature_id,),
+        ).fetchall()
+        return [Label(*r) for r in rows]
+
+    def _summaries(self, conn: sqlite3.Connection, ids: list[int]) -> list[FeatureSummary]:
+        out = []
+        for fid in ids:
+            row = conn.execute(
+                "SELECT density, mean_act, max_act, top_tokens FROM features WHERE feature_id = ?",
+                (fid,),
+            ).fetchone()
+            if row is None:
+                continue
+            label = conn.execute(
+                "SELECT text FROM labels WHERE feature_id = ? ORDER BY id DESC LIMIT 1", (fid,)
+            ).fetchone()
+            out.append(
+                FeatureSummary(
+                    feature_id=int(fid),
+                    density=float(row[0]),
+                    mean_act=float(row[1]),
+                    max_act=float(row[2]),
+                    top_tokens=json.loads(row[3]),
+                    label=None if label is None else label[0],
+                )
+            )
+        return out
+
+    def _with_arrays(self, arrays_dir: str | None, fn: Any) -> Any:
+        """Run fn on the arrays of `arrays_dir`; if a concurrent re-analysis removed that
+        directory meanwhile, retry once on the current one."""
+        for attempt in range(2):
+            if arrays_dir is None:
+                raise UserError(f"the feature store at {self.root} holds no analysis yet")
+            try:
+                with self._lock:
+                    arrays = self._arrays.get(arrays_dir)
+                    if arrays is None:
+                        arrays = _Arrays(self.root / arrays_dir)
+                        # Keep only the current generation's memory maps.
+                        self._arrays = {arrays_dir: arrays}
+                return fn(arrays)
+            except FileNotFoundError:
+                if attempt:
+                    raise
+                with self._read() as conn:
+                    arrays_dir = self._meta_value(conn, "arrays_dir")
+        raise AssertionError("unreachable")
+
+    # -- writing -------------------------------------------------------------------------------
+    def add_label(self, feature_id: int, text: str, author: str) -> Label:
+        """Store a label for a feature (labels are never removed by re-analysis)."""
+        text = text.strip()
+        if not text:
+            raise UserError("a label needs some text")
+        if not author.strip():
+            raise UserError("a label needs an author")
+        feature_id = int(feature_id)
+        created = _now()
+        with self._write() as conn:
+            meta_raw = self._meta_value(conn, "store_meta")
+            if meta_raw is not None:
+                self._check_id(StoreMeta(**meta_raw), feature_id)
+            cur = conn.execute(
+                "INSERT INTO labels (feature_id, text, author, created_at) VALUES (?, ?, ?, ?)",
+                (feature_id, text, author.strip(), created),
+            )
+            label_id = cur.lastrowid
+            self._reindex(conn, [feature_id])
+        assert label_id is not None
+        return Label(int(label_id), feature_id, text, author.strip(), created)
+
+    def replace_statistics(self, arrays: FeatureArrays) -> StoreMeta:
+        """Swap in a new analysis atomically; labels are kept. Returns the stored meta."""
+        arrays.validate()
+        name = f"arrays-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        with atomic_dir(self.root / name) as tmp:
+            for field_name in arrays.ARRAY_FIELDS:
+                np.save(
+                    tmp / f"{field_name}.npy", np.ascontiguousarray(getattr(arrays, field_name))
+                )
+            (tmp / "vocab.json").write_text(json.dumps(arrays.vocab))
+        rows = list(self._feature_rows(arrays))
+        try:
+            with self._write() as conn:
+                previous = self._meta_value(conn, "arrays_dir")
+                generation = int(self._meta_value(conn, "generation") or 0) + 1
+                meta = dataclasses.replace(arrays.meta, generation=generation)
+                conn.execute("DELETE FROM features")
+                conn.executemany("INSERT INTO features VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                for key, value in (
+                    ("store_meta", dataclasses.asdict(meta)),
+                    ("arrays_dir", name),
+                    ("previous_arrays_dir", previous),
+                    ("generation", generation),
+                ):
+                    conn.execute(
+                        "INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value))
+                    )
+                conn.execute("DELETE FROM feature_fts")
+                self._reindex(conn, None)
+        except BaseException:
+            shutil.rmtree(self.root / name, ignore_errors=True)
+            raise
+        self._remove_stale_arrays(keep={name, previous})
+        logger.info("feature store %s: generation %d (%s)", self.root, generation, name)
+        return meta
+
+    @staticmethod
+    def _feature_rows(a: FeatureArrays) -> Iterator[tuple[Any, ...]]:
+        n_tokens = max(a.meta.n_tokens, 1)
+        vocab = a.vocab
+
+        def tok(i: int) -> str:
+            return vocab[i] if 0 <= i < len(vocab) else f"<{i}>"
+
+        before = a.meta.context_before
+        for f in range(a.meta.d_sae):
+            fires = int(a.n_fires[f])
+            seen: dict[str, None] = {}
+            for slot in np.flatnonzero(a.top_sequence[f] >= 0):
+                seen.setdefault(tok(int(a.top_token_ids[f, slot, before])), None)
+            effects = [
+                json.dumps(
+                    [[tok(int(i)), int(i), float(v)] for i, v in zip(ids, vals, strict=True)]
+                )
+                for ids, vals in (
+                    (a.promoted_ids[f], a.promoted_values[f]),
+                    (a.suppressed_ids[f], a.suppressed_values[f]),
+                )
+            ]
+            yield (
+                f,
+                fires,
+                fires / n_tokens,
+                float(a.sum_acts[f]) / fires if fires else 0.0,
+                float(a.max_act[f]),
+                json.dumps(list(seen)[:20]),
+                *effects,
+            )
+
+    @staticmethod
+    def _reindex(conn: sqlite3.Connection, feature_ids: list[int] | None) -> None:
+        """Rebuild the FTS rows of some features (all if None) from features + labels."""
+        where = ""
+        if feature_ids is not None:
+            id_list = ",".join(str(int(i)) for i in feature_ids)
+            where = f"WHERE f.feature_id IN ({id_list})"
+            conn.execute(f"DELETE FROM feature_fts WHERE rowid IN ({id_list})")
+        rows = conn.execute(
+            "SELECT f.feature_id, f.top_tokens, f.promoted, f.suppressed, "
+            "(SELECT group_concat(text, ' ') FROM labels l WHERE l.feature_id = f.feature_id) "
+            f"FROM features f {where}"
+        ).fetchall()
+        conn.executemany(
+            "INSERT INTO feature_fts (rowid, labels, top_tokens, logits) VALUES (?, ?, ?, ?)",
+            [
+                (
+                    fid,
+                    labels or "",
+                    " ".join(json.loads(top)),
+                    " ".join(e[0] for e in json.loads(prom) + json.loads(supp)),
+                )
+                for fid, top, prom, supp, labels in rows
+            ],
+        )
+
+    def _remove_stale_arrays(self, keep: set[str | None]) -> None:
+        for path in self.root.glob("arrays-*"):
+            if path.is_dir() and path.name not in keep:
+                shutil.rmtree(path, ignore_errors=True)
