@@ -1,0 +1,155 @@
+"""Hook names, and capturing several hooks in one forward pass that stops early.
+
+Names are the classic TransformerLens ones that `TransformerBridge` serves in compatibility mode
+(`blocks.0.mlp.hook_post`, `blocks.3.hook_resid_post`, `hook_embed`, ...). Validation happens
+before any work and lists what the model offers.
+
+Stopping early: TransformerBridge's `stop_at_layer=L` stops at the *input* of block L, so the
+last block still runs to the unembedding (for a 1-layer model that is the whole model, and the
+unembedding is often its most expensive matmul). Instead, the capture hook of the last
+requested hook to fire raises `_StopForward`, which ends the pass right after the last activation
+we need, whatever its layer or position inside the block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from sae.errors import UserError
+
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+class _StopForward(Exception):
+    """Raised by the last capture hook: everything after it is wasted work."""
+
+
+def hook_layer(name: str) -> int | None:
+    """The block index of a hook name (`blocks.3.mlp.hook_post` -> 3), None outside blocks."""
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
+def valid_hook_names(model: Any) -> list[str]:
+    """Hook names the model can serve now (gated ones such as attn.hook_result left out)."""
+    gated = getattr(model, "_gated_hook_reason", lambda name: None)
+    return [name for name in model.hook_dict if gated(name) is None]
+
+
+def _compact(names: Iterable[str]) -> str:
+    """`blocks.0.x, blocks.1.x, ...` -> `blocks.{0..N}.x`: a 48-layer model's list stays short."""
+    per_suffix: dict[str, list[int]] = {}
+    for name in names:
+        layer = hook_layer(name)
+        key = name if layer is None else _LAYER.sub("blocks.{}.", name)
+        per_suffix.setdefault(key, []).append(-1 if layer is None else layer)
+    parts = []
+    for key, layers in per_suffix.items():
+        if layers == [-1]:
+            parts.append(key)
+        else:
+            lo, hi = min(layers), max(layers)
+            parts.append(key.replace("{}", str(lo) if lo == hi else f"{{{lo}..{hi}}}"))
+    return ", ".join(parts)
+
+
+def check_hook_names(model: Any, hook_names: Iterable[str]) -> list[str]:
+    """The requested names, deduplicated in order; a UserError listing valid names otherwise."""
+    names = list(dict.fromkeys(hook_names))
+    if not names:
+        raise UserError("no hook name given; e.g. blocks.0.mlp.hook_post")
+    valid = valid_hook_names(model)
+    known = set(valid)
+    for name in names:
+        if name in known:
+            continue
+        reason = getattr(model, "_gated_hook_reason", lambda n: None)(name)
+        if name in model.hook_dict and reason is not None:
+            raise UserError(f"hook {name!r} needs the model option {reason}=True")
+        raise UserError(f"unknown hook {name!r}; valid hook names: {_compact(valid)}")
+    return names
+
+
+class ActivationCapture:
+    """While open, `capture(tokens)` returns {hook_name: Tensor[S, T, D]} for every requested
+    hook from ONE forward pass that stops after the last of them fires.
+
+    Hooks with more than one trailing dimension (e.g. `attn.hook_z`: heads x d_head) are
+    flattened to [S, T, heads * d_head], as SAELens does for hook_z dictionaries.
+    """
+
+    def __init__(self, model: Any, hook_names: Iterable[str]) -> None:
+        self.model = model
+        self.hook_names = check_hook_names(model, hook_names)
+        self._store: dict[str, Tensor] = {}
+        self._context: Any = None
+
+    def _hook_fn(self, name: str):
+        def fn(tensor: Tensor, *, hook: Any) -> Tensor:
+            if isinstance(tensor, tuple):  # some bridged modules hand their output tuple
+                tensor = tensor[0]
+            self._store[name] = tensor.detach()
+            if len(self._store) == len(self.hook_names):
+                raise _StopForward
+            return tensor
+
+        return fn
+
+    def __enter__(self) -> ActivationCapture:
+        self._context = self.model.hooks(
+            fwd_hooks=[(name, self._hook_fn(name)) for name in self.hook_names]
+        )
+        self._context.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._context.__exit__(exc_type, exc, tb)
+        self._context = None
+
+    @torch.no_grad()
+    def __call__(self, tokens: Int[Tensor, "S T"]) -> dict[str, Float[Tensor, "S T D"]]:
+        if self._context is None:
+            raise RuntimeError("use ActivationCapture inside a `with` block")
+        self._store = {}
+        with contextlib.suppress(_StopForward):
+            self.model(tokens, return_type=None)
+        missing = [n for n in self.hook_names if n not in self._store]
+        if missing:
+            raise UserError(f"hook(s) {', '.join(missing)} did not fire in a forward pass")
+        out = {}
+        S, T = tokens.shape
+        for name in self.hook_names:
+            act = self._store[name]
+            if act.dim() < 3 or tuple(act.shape[:2]) != (S, T):
+                raise UserError(
+                    f"hook {name!r} gives shape {tuple(act.shape)}, not [batch, position, ...]; "
+                    "only per-token activations can be cached"
+                )
+            out[name] = act.reshape(S, T, -1)
+        self._store = {}
+        return out
+
+
+def hook_widths(model: Any, hook_names: Iterable[str]) -> dict[str, int]:
+    """d_in of each hook, measured by a forward pass over two BOS tokens."""
+    names = check_hook_names(model, hook_names)
+    bos = model.tokenizer.bos_token_id
+    bos = model.tokenizer.eos_token_id if bos is None else bos
+    device = next(model.parameters()).device
+    tokens = torch.full((1, 2), int(bos or 0), dtype=torch.long, device=device)
+    with ActivationCapture(model, names) as capture:
+        acts = capture(tokens)
+    return {name: int(a.shape[-1]) for name, a in acts.items()}

@@ -1,0 +1,265 @@
+"""The shuffled reader over an activation cache: the trainer's `Iterator[Tensor[B, D]]`.
+
+Why not read shards in order: consecutive rows are consecutive tokens of one context, and
+SAELens's cache was found not to be shuffled at all. Why not a per-row global permutation:
+random 2-8 KiB reads are slow on disk. So each epoch is a two-level shuffle:
+
+1. every shard is cut into chunks of `chunk_rows` consecutive rows; the chunks of the whole
+   cache are permuted (seed, epoch);
+2. consecutive permuted chunks fill a mixing buffer of about `buffer_bytes`; its rows are
+   permuted (seed, epoch, rank, buffer) and cut into batches.
+
+A batch therefore mixes rows from chunks spread over all shards, reads stay sequential
+(`chunk_rows` rows at a time from a memory map), every row is yielded exactly once per epoch,
+and the order is a pure function of (seed, epoch): `state_dict()` is just (epoch, position)
+and `load_state_dict()` resumes with exactly the same subsequent batches.
+
+With `world_size > 1` (DDP) rank r takes every world_size-th permuted chunk, so ranks read
+disjoint rows; every rank yields the same number of full batches per epoch (the few rows
+beyond the smallest rank's share are left out that epoch) so their steps stay in lock-step.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from activations.cache import CONFIG_FILE, DTYPES, MANIFEST, part_name
+from sae.errors import UserError
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def open_manifest(path: str | Path, hook_name: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """(hook folder, manifest) for a cache root plus hook name, or a hook folder itself."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"activation cache {path} does not exist")
+    if hook_name is None and not (path / MANIFEST).is_file() and (path / CONFIG_FILE).is_file():
+        hooks = json.loads((path / CONFIG_FILE).read_text())["hooks"]
+        if len(hooks) != 1:
+            raise UserError(f"{path} caches several hooks ({', '.join(hooks)}); pick one")
+        hook_name = hooks[0]
+    folder = path / hook_name if hook_name is not None else path
+    if hook_name is not None and not folder.is_dir():
+        raise UserError(f"{path} has no cached hook {hook_name!r}")
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        config = folder.parent / CONFIG_FILE
+        if config.is_file():
+            world = json.loads(config.read_text()).get("world_size", 1)
+            missing = [r for r in range(world) if not (folder / part_name(r)).is_file()]
+            raise UserError(
+                f"activation cache {folder} is incomplete (rank(s) {missing} not finished); "
+                "run the same `sae cache` command again to resume it"
+            )
+        raise UserError(f"{folder} is not an activation cache: no {MANIFEST}")
+    return folder, json.loads(manifest_path.read_text())
+
+
+def memmap_activations(path: Path) -> Tensor:
+    """The `activations` tensor of a shard as a read-only-in-practice memory map (no copy)."""
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(header_len))
+    info = header["activations"]
+    dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+    begin, end = info["data_offsets"]
+    if end == begin:
+        return torch.empty(info["shape"], dtype=dtype)
+    # mode "c" (copy-on-write) gives a writable view torch accepts without a warning; pages are
+    # still read lazily from the file and never written back.
+    raw = np.memmap(
+        path, dtype=np.uint8, mode="c", offset=8 + header_len + begin, shape=(end - begin,)
+    )
+    return torch.from_numpy(raw).view(dtype).view(info["shape"])
+
+
+class _Chunk(NamedTuple):
+    shard: int
+    start: int
+    stop: int
+
+
+class CachedActivations:
+    """Shuffled batches [batch_size, d_in] of one cached hook, on `device`, for `epochs`.
+
+    Iterating continues from the current position (a fresh reader starts at epoch 0, row 0);
+    `state_dict()` after a batch says where the next one starts.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        hook_name: str | None = None,
+        batch_size: int = 4096,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        epochs: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        dtype: torch.dtype = torch.float32,
+        buffer_bytes: int = 512 * 2**20,
+        chunk_rows: int = 1024,
+        drop_last: bool = False,
+    ) -> None:
+        if batch_size < 1 or epochs < 1 or chunk_rows < 1:
+            raise ValueError("batch_size, epochs and chunk_rows must be positive")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.folder, self.manifest = open_manifest(path, hook_name)
+        self.hook_name: str = self.manifest["hook_name"]
+        self.d_in: int = int(self.manifest["d_in"])
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.seed = seed
+        self.epochs = epochs
+        self.rank = rank
+        self.world_size = world_size
+        self.dtype = dtype
+        self.drop_last = drop_last or world_size > 1
+        self.shards = [memmap_activations(self.folder / s["file"]) for s in self.manifest["shards"]]
+        itemsize = DTYPES[self.manifest["dtype"]].itemsize
+        self.buffer_rows = max(batch_size, buffer_bytes // (self.d_in * itemsize))
+        self.chunks = [
+            _Chunk(i, a, min(a + chunk_rows, len(t)))
+            for i, t in enumerate(self.shards)
+            for a in range(0, len(t), chunk_rows)
+        ]
+        self.n_rows = sum(len(t) for t in self.shards)
+        if self.n_rows != self.manifest["n_tokens"]:
+            raise UserError(
+                f"{self.folder}: shards hold {self.n_rows} rows, manifest says {self.manifest['n_tokens']}"
+            )
+        self.epoch = 0
+        self.position = 0
+
+    # -- the deterministic order -----------------------------------------------------------
+    def _epoch_chunks(self, epoch: int, rank: int) -> list[_Chunk]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.chunks))
+        return [self.chunks[i] for i in order[rank :: self.world_size]]
+
+    def _groups(self, chunks: list[_Chunk]) -> list[list[_Chunk]]:
+        """Consecutive chunks filling one mixing buffer each."""
+        groups: list[list[_Chunk]] = []
+        rows = 0
+        for c in chunks:
+            n = c.stop - c.start
+            if groups and rows + n <= self.buffer_rows:
+                groups[-1].append(c)
+                rows += n
+            else:
+                groups.append([c])
+                rows = n
+        return groups
+
+    def rows_per_epoch(self) -> int:
+        """Rows this rank yields per epoch."""
+        if self.world_size == 1:
+            return self.n_rows
+        # Equal full batches on every rank (DDP steps must match); the chunk split differs
+        # per epoch, so take the smallest share over epochs and ranks.
+        least = min(
+            sum(c.stop - c.start for c in self._epoch_chunks(e, r))
+            for e in range(self.epochs)
+            for r in range(self.world_size)
+        )
+        return least // self.batch_size * self.batch_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        rows = self.rows_per_epoch()
+        return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
+
+    def __len__(self) -> int:
+        return self.epochs * self.batches_per_epoch
+
+    @property
+    def mean(self) -> Float[Tensor, " D"]:
+        """Per-dimension mean of the cached activations (from the manifest)."""
+        return torch.tensor(self.manifest["mean"], dtype=torch.float32)
+
+    @property
+    def mean_squared_norm(self) -> float:
+        """E ||x||^2 over the cache (for scaling inputs so that E ||x||^2 = d_in)."""
+        return float(self.manifest["mean_squared_norm"])
+
+    # -- resume ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "n_rows": self.n_rows,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("seed", "n_rows", "rank", "world_size", "batch_size"):
+            if state.get(key) != getattr(self, key):
+                raise UserError(
+                    f"reader state is for {key}={state.get(key)!r} but this reader has "
+                    f"{getattr(self, key)!r}; resume with the same cache and settings"
+                )
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+
+    # -- iteration -------------------------------------------------------------------------
+    def _load_group(self, group: list[_Chunk]) -> Tensor:
+        parts = [self.shards[c.shard][c.start : c.stop] for c in group]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _rows(self, epoch: int, start: int, limit: int) -> Iterator[Tensor]:
+        """This rank's epoch order from row `start` to `limit`, in pieces of buffer order."""
+        offset = 0
+        for g, group in enumerate(self._groups(self._epoch_chunks(epoch, self.rank))):
+            n = sum(c.stop - c.start for c in group)
+            if offset + n <= start:
+                offset += n
+                continue  # skipped without reading: this is how a resume is cheap
+            if offset >= limit:
+                return
+            perm = np.random.default_rng([self.seed, epoch, self.rank, g]).permutation(n)
+            lo, hi = max(start - offset, 0), min(limit - offset, n)
+            buffer = self._load_group(group)
+            yield buffer[torch.from_numpy(perm[lo:hi])]
+            offset += n
+
+    def _to_device(self, batch: Tensor) -> Tensor:
+        if self.device.type == "cuda":
+            return batch.pin_memory().to(self.device, non_blocking=True).to(self.dtype)
+        return batch.to(self.dtype)
+
+    def __iter__(self) -> Iterator[Float[Tensor, "B D"]]:
+        per_epoch = self.rows_per_epoch()
+        limit = per_epoch // self.batch_size * self.batch_size if self.drop_last else per_epoch
+        B = self.batch_size
+        while self.epoch < self.epochs:
+            pending: list[Tensor] = []
+            held = 0
+            for piece in self._rows(self.epoch, self.position, limit):
+                while piece.shape[0]:
+                    take = min(B - held, piece.shape[0])
+                    pending.append(piece[:take])
+                    held += take
+                    piece = piece[take:]
+                    if held == B:
+                        batch = torch.cat(pending) if len(pending) > 1 else pending[0]
+                        pending, held = [], 0
+                        self.position += B
+                        yield self._to_device(batch)
+            if held:  # the last, partial batch of the epoch
+                self.position += held
+                yield self._to_device(torch.cat(pending))
+            self.epoch += 1
+            self.position = 0
