@@ -268,6 +268,32 @@ def assign_weights(
     d.load_state_dict(dict(tensors), strict=True)
 
 
+def check_float(path: Path, name: str, t: Tensor) -> Tensor:
+    """A foreign tensor must be a supported float dtype before we cast it anywhere."""
+    if t.dtype not in DTYPES.values():
+        raise DictionaryFormatError(
+            path, name, f"unsupported dtype {t.dtype}; supported: {', '.join(DTYPES)}"
+        )
+    return t
+
+
+def expect_shape(path: Path, name: str, t: Tensor, shape: tuple[int, ...], what: str) -> Tensor:
+    """Shape check for foreign layouts, naming the tensor as the source file spells it."""
+    if tuple(t.shape) != shape:
+        raise DictionaryFormatError(
+            path, name, f"shape {list(t.shape)} but expected {list(shape)} ({what})"
+        )
+    return t
+
+
+def require_tensor(path: Path, tensors: Mapping[str, Tensor], name: str) -> Tensor:
+    if name not in tensors:
+        raise DictionaryFormatError(
+            path, name, f"missing tensor (file has: {', '.join(sorted(tensors)) or 'nothing'})"
+        )
+    return tensors[name]
+
+
 # -- where the files are -----------------------------------------------------------------------
 def resolve_path(
     path_or_repo: str | Path, *, subfolder: str | None = None, revision: str | None = None

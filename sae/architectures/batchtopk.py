@@ -71,8 +71,9 @@ class BatchTopKDictionary(Dictionary):
             raise ValueError(
                 "batchtopk threshold was never estimated (call update_threshold during training)"
             )
-        cfg = DictionaryConfig(**{**self.cfg.to_json(), "architecture": "jumprelu"})
-        cfg.provenance = {**cfg.provenance, "trained_as": "batchtopk"}
+        # k moves to provenance: a jumprelu has no fixed k, and cfg.k would cap encode_sparse.
+        cfg = DictionaryConfig(**{**self.cfg.to_json(), "architecture": "jumprelu", "k": None})
+        cfg.provenance = {**cfg.provenance, "trained_as": "batchtopk", "batchtopk_k": self.cfg.k}
         out = build(cfg).to(device=self.device, dtype=self.dtype)
         with torch.no_grad():
             for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
