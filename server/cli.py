@@ -1,0 +1,59 @@
+"""`sae serve DICT_DIR... [--host --port ...]`: serve dictionaries over HTTP with uvicorn.
+
+Every option of `ServerSettings` is a flag and an `SAE_SERVE_*` variable (flags win). Prefer
+the variable for the API key: a flag is visible in the process list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+
+from sae.dataclass_cli import add_dataclass_args
+from server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve dictionaries (and their feature stores) over HTTP, with a web browser at /",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "dict_dirs",
+        nargs="*",
+        metavar="DICT_DIR",
+        help="dictionary directories, each PATH or NAME=PATH (or SAE_SERVE_DICTIONARIES=a,b)",
+    )
+    add_dataclass_args(p, ServerSettings)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.deps import load_state
+    from server.settings import settings_from_env
+
+    names = {f.name for f in dataclasses.fields(ServerSettings)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if args.dict_dirs:
+        given["dictionaries"] = list(args.dict_dirs)
+    settings = settings_from_env(**given)
+    logging.getLogger().setLevel(settings.log_level.upper())
+    # Load before listening: a bad dictionary is a one-line error, not a failed lifespan.
+    state = load_state(settings)
+    app = create_app(state=state)
+    if settings.api_key is None:
+        log.warning("no API key set: labels and steering are disabled (set SAE_SERVE_API_KEY)")
+    print(
+        f"serving {len(state.dictionaries)} dictionaries at http://{settings.host}:{settings.port}/"
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0

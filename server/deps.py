@@ -1,0 +1,212 @@
+"""What the app loads once (models, dictionaries, feature stores) and the typed dependencies
+handlers receive it through. Nothing here is a module-level singleton: `AppState` lives on
+`app.state` from the lifespan, so a test can build an app around any state it likes."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi import Path as PathParam
+
+from sae.base import Dictionary
+from sae.errors import UserError
+from sae.store import DB_NAME, FeatureStore, resolve_store_dir
+from server.errors import ApiError, not_found
+from server.inference import ModelQueue
+from server.schemas import ADDRESS_RE, DictionaryInfo
+from server.settings import ServerSettings, spec_name, spec_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedDictionary:
+    """One dictionary as served: its weights, its model, and its feature store if analysed."""
+
+    name: str
+    path: Path
+    dictionary: Dictionary
+    model_key: str
+    """Key into `AppState.models`."""
+    store: FeatureStore | None = None
+    """Opened at start-up if an analysis exists; created on the first label write otherwise."""
+    _store_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def d_sae(self) -> int:
+        return self.dictionary.d_sae
+
+    def has_analysis(self) -> bool:
+        return self.store is not None and self.store.has_statistics()
+
+    def writable_store(self) -> FeatureStore:
+        """The feature store, creating an empty one (labels only) next to the dictionary."""
+        with self._store_lock:
+            if self.store is None:
+                self.store = FeatureStore.open(self.path)
+            return self.store
+
+    def info(self) -> DictionaryInfo:
+        cfg = self.dictionary.cfg
+        analysis = None
+        if self.has_analysis():
+            assert self.store is not None
+            m = self.store.meta()
+            analysis = {
+                "n_tokens": m.n_tokens,
+                "n_top": m.n_top,
+                "model_name": m.model_name,
+                "created_at": m.created_at,
+                "generation": m.generation,
+            }
+        return DictionaryInfo(
+            name=self.name,
+            architecture=cfg.architecture,
+            d_in=cfg.d_in,
+            d_sae=cfg.d_sae,
+            hook_name=cfg.hook_name,
+            model_name=cfg.model_name,
+            has_analysis=analysis is not None,
+            analysis=analysis,
+        )
+
+
+@dataclass
+class AppState:
+    settings: ServerSettings
+    dictionaries: dict[str, ServedDictionary]
+    models: dict[str, Any]
+    """Loaded language models (TransformerBridge), by model name."""
+    queue: ModelQueue
+
+    def model_for(self, sd: ServedDictionary) -> Any:
+        return self.models[sd.model_key]
+
+    def get(self, name: str) -> ServedDictionary:
+        sd = self.dictionaries.get(name)
+        if sd is None:
+            raise not_found(f"dictionary {name!r}")
+        return sd
+
+    def resolve(self, address: str) -> tuple[ServedDictionary, int]:
+        """`DICTIONARY/FEATURE_ID` -> (dictionary, id); 404 for an unknown one."""
+        m = ADDRESS_RE.match(address)
+        if m is None:
+            raise ApiError(422, "validation_error", f"bad feature address {address!r}")
+        sd = self.get(m.group(1))
+        fid = int(m.group(2))
+        if fid >= sd.d_sae:
+            raise not_found(f"feature {address!r} (d_sae is {sd.d_sae})")
+        return sd, fid
+
+
+def load_state(settings: ServerSettings) -> AppState:
+    """Load every dictionary, its store and the models they need. Slow; run it once."""
+    from activations.model import load_model
+    from sae.io import load_dictionary
+
+    if not settings.dictionaries:
+        raise UserError("no dictionary to serve; pass at least one dictionary directory")
+    served: dict[str, ServedDictionary] = {}
+    models: dict[str, Any] = {}
+    for spec in settings.dictionaries:
+        name, path = spec_name(spec), Path(spec_path(spec)).expanduser()
+        d = load_dictionary(path, device=settings.device).eval().requires_grad_(False)
+        model_name = settings.model or d.cfg.model_name
+        if model_name is None:
+            raise UserError(f"{path}: cfg.json names no model_name; pass --model")
+        if d.cfg.hook_name is None:
+            raise UserError(f"{path}: cfg.json names no hook_name")
+        if model_name not in models:
+            models[model_name] = (
+                load_model(model_name, device=settings.device).eval().requires_grad_(False)
+            )
+        store = None
+        if (resolve_store_dir(path) / DB_NAME).is_file():
+            store = FeatureStore.open(path)
+        served[name] = ServedDictionary(name, path, d, model_name, store)
+        log.info(
+            "serving %s: %s d_sae=%d at %s (%s)",
+            name,
+            d.cfg.architecture,
+            d.d_sae,
+            d.cfg.hook_name,
+            "analysed" if served[name].has_analysis() else "no analysis",
+        )
+    return AppState(settings, served, models, ModelQueue(settings.max_queue))
+
+
+# -- dependencies ---------------------------------------------------------------------------------
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState | None = getattr(request.app.state, "sae", None)
+    if state is None:
+        raise ApiError(
+            503, "not_ready", "the service is still loading", headers={"Retry-After": "5"}
+        )
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def _given_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return request.headers.get("x-api-key")
+
+
+def _check_key(request: Request, expected: str) -> None:
+    given = _given_key(request)
+    if given is None:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "an API key is required: send `Authorization: Bearer KEY` or `X-API-Key: KEY`",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not secrets.compare_digest(given.encode(), expected.encode()):
+        raise ApiError(
+            401, "unauthorized", "invalid API key", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def require_read(request: Request, state: StateDep) -> None:
+    """Reads are public unless `public_reads` is off; then they need the key."""
+    if state.settings.public_reads:
+        return
+    if state.settings.api_key is None:  # validated against at start-up; belt and braces
+        raise ApiError(403, "forbidden", "reads are private and no API key is configured")
+    _check_key(request, state.settings.api_key)
+
+
+def require_write(request: Request, state: StateDep) -> None:
+    """Writes and steering always need the key; with none configured they are disabled."""
+    if state.settings.api_key is None:
+        raise ApiError(
+            403,
+            "forbidden",
+            "writes and steering are disabled: start the server with an API key "
+            "(--api-key or SAE_SERVE_API_KEY)",
+        )
+    _check_key(request, state.settings.api_key)
+
+
+def get_dictionary(
+    state: StateDep,
+    dictionary: Annotated[str, PathParam(description="Served dictionary name.", max_length=200)],
+) -> ServedDictionary:
+    return state.get(dictionary)
+
+
+DictionaryDep = Annotated[ServedDictionary, Depends(get_dictionary)]

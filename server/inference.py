@@ -1,0 +1,162 @@
+"""Running the language model for new text: tokenize, read a hook, encode with a dictionary,
+and the direct logit effect of a decoder direction.
+
+Plain functions of (model, dictionary, text) with no HTTP in them, so everything the service
+returns can be reproduced from Python (the parity test in tests/server does exactly that).
+Tokenization follows the analysis pass (activations/text.py): BOS, then the text's tokens
+without special tokens, so positions mean the same thing as in the stored examples.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
+
+import torch
+from jaxtyping import Float, Int
+from starlette.concurrency import run_in_threadpool
+from torch import Tensor
+
+from activations.hooks import ActivationCapture, hook_layer
+from activations.text import special_ids
+from sae.base import Dictionary
+from sae.errors import UserError
+
+T = TypeVar("T")
+
+
+class LimitExceeded(UserError):
+    """A request is larger than the service allows (prompt tokens, batch, new tokens)."""
+
+
+class Busy(Exception):
+    """Too many model jobs are waiting; the client should retry later."""
+
+
+class EncodedText(NamedTuple):
+    token_ids: Int[Tensor, " T"]
+    tokens: list[str]
+    """Display string of each token (the tokenizer's decode of that one id)."""
+    feature_acts: Float[Tensor, "T F"]
+
+
+def tokenize(model: Any, text: str, max_tokens: int, prepend_bos: bool = True) -> Int[Tensor, " T"]:
+    """Token ids of `text` as analysis sees a context: [BOS] + tokens (no special tokens)."""
+    ids: list[int] = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if prepend_bos:
+        bos, _eos = special_ids(model.tokenizer)
+        ids = [bos, *ids]
+    limit = min(max_tokens, int(model.cfg.n_ctx))
+    if len(ids) > limit:
+        raise LimitExceeded(f"text is {len(ids)} tokens; the limit is {limit}")
+    if not ids:
+        raise UserError("text has no tokens")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_strings(model: Any, token_ids: list[int]) -> list[str]:
+    return [model.tokenizer.decode([i]) for i in token_ids]
+
+
+@torch.no_grad()
+def hook_activations(
+    model: Any, token_ids: Int[Tensor, " T"], hook_name: str
+) -> Float[Tensor, "T D"]:
+    """The activation at `hook_name` for every token (one forward pass that stops there)."""
+    device = next(model.parameters()).device
+    with ActivationCapture(model, [hook_name]) as capture:
+        acts = capture(token_ids.to(device)[None])
+    return acts[hook_name][0]
+
+
+@torch.no_grad()
+def encode_text(
+    model: Any, dictionary: Dictionary, text: str, max_tokens: int, prepend_bos: bool = True
+) -> EncodedText:
+    """Feature activations f [T, F] of `text` at the dictionary's hook."""
+    if dictionary.cfg.hook_name is None:
+        raise UserError("the dictionary's cfg.json names no hook_name; it cannot read text")
+    ids = tokenize(model, text, max_tokens, prepend_bos)
+    x = hook_activations(model, ids, dictionary.cfg.hook_name)
+    f = dictionary.encode(x.to(dictionary.device, dictionary.dtype))
+    return EncodedText(ids, token_strings(model, ids.tolist()), f.float().cpu())
+
+
+def _unembed_input(model: Any, hook_name: str) -> Callable[[Tensor], Tensor] | None:
+    """Map a vector at `hook_name` to the residual stream it writes, or None if that hook is
+    not on a direct path (attention internals)."""
+    layer = hook_layer(hook_name)
+    if hook_name.endswith("mlp.hook_post") and layer is not None:
+        W_out = model.W_out[layer]  # [d_mlp, d_model]
+        return lambda v: v @ W_out
+    resid = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_out", "hook_attn_out")
+    if hook_name.endswith(resid):
+        return lambda v: v
+    return None
+
+
+@torch.no_grad()
+def direct_logit_effects(
+    model: Any, direction: Float[Tensor, " D"], hook_name: str
+) -> Float[Tensor, " V"] | None:
+    """Logit change per unit of `direction` written at `hook_name`, along the direct path.
+
+    In TransformerLens's processed weights (compatibility mode: final LayerNorm folded into
+    W_U, writing weights centred) this is what a large added multiple of the direction does
+    to the logits: LN only rescales a centred residual. We centre explicitly so the answer is
+    also right for a residual-stream hook. None for hooks with no direct path to the logits.
+    """
+    to_resid = _unembed_input(model, hook_name)
+    if to_resid is None:
+        return None
+    W_U = model.W_U  # [d_model, d_vocab]
+    r = to_resid(direction.to(W_U.device, W_U.dtype))
+    r = r - r.mean()
+    return (r @ W_U).float().cpu()
+
+
+class ModelQueue:
+    """Serialises model work in worker threads and bounds how many jobs may wait.
+
+    One lock for all models: on a CPU, torch already uses every core for one forward pass,
+    so running two at once only makes both slower; on a GPU it keeps memory bounded. The
+    counter is only touched on the event loop thread, so it needs no lock of its own.
+    """
+
+    def __init__(self, max_waiting: int) -> None:
+        self.max_waiting = max_waiting
+        self.pending = 0
+        self._lock = threading.Lock()
+
+    def _locked(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._lock:
+            return fn(*args)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self.pending >= self.max_waiting:
+            raise Busy(f"{self.pending} model jobs are queued; retry shortly")
+        self.pending += 1
+        try:
+            return await run_in_threadpool(self._locked, fn, *args)
+        finally:
+            self.pending -= 1
+
+
+@torch.no_grad()
+def token_scores(model: Any, dictionary: Dictionary, token_id: int) -> Float[Tensor, " F"] | None:
+    """Direct logit effect of every feature's unit decoder direction on one token: the same
+    quantity as `direct_logit_effects`, read down a column. u - mean(u) plays the role of
+    centring each direction, so the [F, d_model] product is never formed."""
+    hook_name = dictionary.cfg.hook_name or ""
+    to_resid = _unembed_input(model, hook_name)
+    if to_resid is None:
+        return None
+    u = model.W_U[:, token_id]
+    u = u - u.mean()
+    layer = hook_layer(hook_name)
+    if hook_name.endswith("mlp.hook_post") and layer is not None:
+        u = model.W_out[layer] @ u  # [d_mlp]
+    W_dec = dictionary.W_dec
+    unit = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (unit @ u.to(W_dec.device, W_dec.dtype)).float().cpu()

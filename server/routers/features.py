@@ -1,0 +1,134 @@
+"""Feature pages, lists, batch reads, search, labels."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Path, Query, status
+
+from server import features as svc
+from server.deps import DictionaryDep, ServedDictionary, StateDep, require_read, require_write
+from server.errors import not_found
+from server.inference import LimitExceeded
+from server.schemas import (
+    BatchFeaturesRequest,
+    BatchFeaturesResponse,
+    FeaturePage,
+    FeatureResponse,
+    Label,
+    LabelRequest,
+)
+
+router = APIRouter(prefix="/api", tags=["features"])
+
+FeatureId = Annotated[int, Path(ge=0, le=10**9, description="Index into the dictionary.")]
+Offset = Annotated[int, Query(ge=0, le=10**9, description="Items to skip.")]
+Limit = Annotated[
+    int, Query(ge=0, le=1000, description="Items to return (capped by the server's max_page).")
+]
+
+
+def _check_page(state: StateDep, limit: int) -> None:
+    if limit > state.settings.max_page:
+        raise LimitExceeded(f"limit {limit}; the limit is {state.settings.max_page}")
+
+
+def _feature_id(sd: ServedDictionary, feature_id: int) -> int:
+    if feature_id >= sd.d_sae:
+        raise not_found(f"feature {sd.name}/{feature_id} (d_sae is {sd.d_sae})")
+    return feature_id
+
+
+@router.get(
+    "/features/{dictionary}",
+    response_model=FeaturePage,
+    summary="A page of a dictionary's features",
+    dependencies=[Depends(require_read)],
+)
+def list_features(
+    state: StateDep,
+    sd: DictionaryDep,
+    offset: Offset = 0,
+    limit: Limit = 50,
+    order_by: svc.OrderBy = "feature_id",
+    descending: bool = False,
+) -> FeaturePage:
+    _check_page(state, limit)
+    return svc.list_features(sd, offset, limit, order_by, descending)
+
+
+@router.get(
+    "/features/{dictionary}/{feature_id}",
+    response_model=FeatureResponse,
+    summary="One feature: statistics, histogram, logit effects, labels, top examples",
+    dependencies=[Depends(require_read)],
+)
+def get_feature(
+    state: StateDep,
+    sd: DictionaryDep,
+    feature_id: FeatureId,
+    offset: Offset = 0,
+    limit: Limit = 10,
+) -> FeatureResponse:
+    _check_page(state, limit)
+    return svc.feature_response(state, sd, _feature_id(sd, feature_id), offset, limit)
+
+
+@router.post(
+    "/features/batch",
+    response_model=BatchFeaturesResponse,
+    summary="Several features by address, in request order",
+    dependencies=[Depends(require_read)],
+)
+def batch_features(state: StateDep, req: BatchFeaturesRequest) -> BatchFeaturesResponse:
+    if len(req.features) > state.settings.max_batch:
+        raise LimitExceeded(
+            f"{len(req.features)} features; the limit is {state.settings.max_batch}"
+        )
+    _check_page(state, req.examples_limit)
+    out = []
+    for address in req.features:
+        sd, fid = state.resolve(address)
+        out.append(svc.feature_response(state, sd, fid, 0, req.examples_limit))
+    return BatchFeaturesResponse(features=out)
+
+
+@router.get(
+    "/search",
+    response_model=FeaturePage,
+    summary="Search a dictionary's features by text (labels, tokens) or by promoted token",
+    dependencies=[Depends(require_read)],
+)
+def search(
+    state: StateDep,
+    dictionary: Annotated[
+        str, Query(min_length=1, max_length=200, description="Served dictionary name.")
+    ],
+    q: Annotated[
+        str, Query(min_length=1, max_length=500, description="Words, or one token for by=token.")
+    ],
+    by: Annotated[
+        Literal["text", "token"],
+        Query(
+            description="`text`: labels, top-activating and promoted tokens (needs analysis); "
+            "`token`: features whose decoder direction most raises this token's logit."
+        ),
+    ] = "text",
+    offset: Offset = 0,
+    limit: Limit = 20,
+) -> FeaturePage:
+    _check_page(state, limit)
+    return svc.search_features(state, state.get(dictionary), q, by, offset, limit)
+
+
+@router.post(
+    "/features/{dictionary}/{feature_id}/labels",
+    response_model=Label,
+    status_code=status.HTTP_201_CREATED,
+    summary="Write a label (needs the API key)",
+    dependencies=[Depends(require_write)],
+)
+def add_label(sd: DictionaryDep, feature_id: FeatureId, req: LabelRequest) -> Label:
+    fid = _feature_id(sd, feature_id)
+    rec = sd.writable_store().add_label(fid, req.text, req.author or "anonymous")
+    return Label(text=rec.text, author=rec.author, created_at=rec.created_at)

@@ -1,0 +1,48 @@
+"""Requests that run the model on posted text: activations, top features, steering."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from server import service
+from server.deps import StateDep, require_read, require_write
+from server.schemas import (
+    ActivationsRequest,
+    ActivationsResponse,
+    SteerRequest,
+    SteerResponse,
+    TopFeaturesRequest,
+    TopFeaturesResponse,
+)
+
+router = APIRouter(prefix="/api", tags=["text"])
+
+
+@router.post(
+    "/activations",
+    response_model=ActivationsResponse,
+    summary="Activations of one or many features on every token of a text",
+    dependencies=[Depends(require_read)],
+)
+async def activations(state: StateDep, req: ActivationsRequest) -> ActivationsResponse:
+    return await state.queue.run(service.activations, state, req)
+
+
+@router.post(
+    "/top-features",
+    response_model=TopFeaturesResponse,
+    summary="The strongest features of a text, per token and overall",
+    dependencies=[Depends(require_read)],
+)
+async def top_features(state: StateDep, req: TopFeaturesRequest) -> TopFeaturesResponse:
+    return await state.queue.run(service.top_features, state, req)
+
+
+@router.post(
+    "/steer",
+    response_model=SteerResponse,
+    summary="Generate with features steered, beside the baseline (needs the API key)",
+    dependencies=[Depends(require_write)],
+)
+async def steer(state: StateDep, req: SteerRequest) -> SteerResponse:
+    return await state.queue.run(service.steer, state, req)

@@ -1,0 +1,171 @@
+"""Requests about new text: feature activations, the top features, steering. Each function is
+synchronous model work; routers hand it to `ModelQueue.run` so it runs in a worker thread,
+one job at a time, never on the event loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from activations.text import special_ids
+from server.deps import AppState, ServedDictionary
+from server.errors import ApiError
+from server.inference import LimitExceeded, encode_text, hook_activations, token_strings, tokenize
+from server.schemas import (
+    ActivationsRequest,
+    ActivationsResponse,
+    AppliedIntervention,
+    Completion,
+    FeatureTrace,
+    OverallFeature,
+    SteerRequest,
+    SteerResponse,
+    TokenFeature,
+    TopFeaturesRequest,
+    TopFeaturesResponse,
+    UnitSource,
+)
+from server.steering import Steer, generate, prompt_norm_unit, steering_hooks
+
+
+def _check_batch(state: AppState, n: int, what: str) -> None:
+    if n > state.settings.max_batch:
+        raise LimitExceeded(f"{n} {what}; the limit is {state.settings.max_batch}")
+
+
+def _one_model(state: AppState, dictionaries: list[ServedDictionary]) -> Any:
+    keys = {sd.model_key for sd in dictionaries}
+    if len(keys) > 1:
+        raise ApiError(
+            422,
+            "validation_error",
+            f"the features belong to dictionaries of different models ({', '.join(sorted(keys))})",
+        )
+    return state.models[keys.pop()]
+
+
+def activations(state: AppState, req: ActivationsRequest) -> ActivationsResponse:
+    """Each requested feature's activation on every token of the text."""
+    _check_batch(state, len(req.features), "features")
+    resolved = [state.resolve(a) for a in req.features]
+    model = _one_model(state, [sd for sd, _ in resolved])
+    s = state.settings
+    ids = tokenize(model, req.text, s.max_prompt_tokens, s.prepend_bos)
+    acts: dict[str, torch.Tensor] = {}  # one forward pass + encode per dictionary
+    traces = []
+    for (sd, fid), address in zip(resolved, req.features, strict=True):
+        if sd.name not in acts:
+            x = hook_activations(model, ids, sd.dictionary.cfg.hook_name or "")
+            d = sd.dictionary
+            acts[sd.name] = d.encode(x.to(d.device, d.dtype)).float().cpu()
+        values = acts[sd.name][:, fid]
+        traces.append(
+            FeatureTrace(address=address, values=values.tolist(), max_value=float(values.max()))
+        )
+    return ActivationsResponse(
+        tokens=token_strings(model, ids.tolist()), token_ids=ids.tolist(), features=traces
+    )
+
+
+def top_features(state: AppState, req: TopFeaturesRequest) -> TopFeaturesResponse:
+    """The strongest features of each token, and over the whole text."""
+    sd = state.get(req.dictionary)
+    s = state.settings
+    if req.limit > s.max_page:
+        raise LimitExceeded(f"limit {req.limit}; the limit is {s.max_page}")
+    enc = encode_text(
+        state.model_for(sd), sd.dictionary, req.text, s.max_prompt_tokens, s.prepend_bos
+    )
+    f = enc.feature_acts  # [T, F]
+    k = min(req.k, f.shape[1])
+    top = f.topk(k, dim=-1)
+    per_token = [
+        [
+            TokenFeature(feature_id=int(i), value=float(v))
+            for v, i in zip(vals, idx, strict=True)
+            if v > 0
+        ]
+        for vals, idx in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+    ]
+    fmax = f.max(dim=0).values
+    n_active = int((fmax > 0).sum())
+    best = fmax.topk(min(req.limit, n_active)).indices.tolist() if n_active else []
+    fsum, fcount = f.sum(dim=0), (f > 0).sum(dim=0)
+    overall = []
+    for i in best:
+        labels = sd.store.labels(i) if sd.store is not None else []
+        overall.append(
+            OverallFeature(
+                address=f"{sd.name}/{i}",
+                feature_id=i,
+                max_value=float(fmax[i]),
+                sum_value=float(fsum[i]),
+                count=int(fcount[i]),
+                label=labels[-1].text if labels else None,
+            )
+        )
+    return TopFeaturesResponse(
+        dictionary=sd.name,
+        tokens=enc.tokens,
+        token_ids=enc.token_ids.tolist(),
+        per_token=per_token,
+        overall=overall,
+    )
+
+
+def steer(state: AppState, req: SteerRequest) -> SteerResponse:
+    """Baseline and steered continuations of the prompt, same decoding and seed."""
+    s = state.settings
+    _check_batch(state, len(req.interventions), "interventions")
+    if req.max_new_tokens > s.max_new_tokens:
+        raise LimitExceeded(f"max_new_tokens {req.max_new_tokens}; the limit is {s.max_new_tokens}")
+    resolved = [state.resolve(iv.feature) for iv in req.interventions]
+    model = _one_model(state, [sd for sd, _ in resolved])
+    prompt = tokenize(model, req.prompt, s.max_prompt_tokens, s.prepend_bos)
+    steers, applied = [], []
+    source: UnitSource
+    for iv, (sd, fid) in zip(req.interventions, resolved, strict=True):
+        unit: float | None = None
+        if iv.mode == "clamp":
+            source = "raw"
+        elif sd.has_analysis():
+            assert sd.store is not None
+            unit, source = sd.store.feature(fid).max_act, "analysis_max_activation"
+        else:
+            unit, source = prompt_norm_unit(model, prompt, sd.dictionary, fid), "prompt_norm"
+        steers.append(
+            Steer(sd.dictionary, fid, iv.mode, iv.strength, 1.0 if unit is None else unit)
+        )
+        applied.append(
+            AppliedIntervention(
+                address=iv.feature,
+                mode=iv.mode,
+                strength=iv.strength,
+                unit=unit,
+                unit_source=source,
+            )
+        )
+    _bos, eos = special_ids(model.tokenizer)
+    decode = dict(
+        max_new_tokens=req.max_new_tokens,
+        temperature=req.temperature,
+        top_k=req.top_k,
+        seed=req.seed,
+        stop_ids=(eos,),
+    )
+    baseline = generate(model, prompt, [], **decode)  # type: ignore[arg-type]
+    steered = generate(model, prompt, steering_hooks(steers), **decode)  # type: ignore[arg-type]
+
+    def completion(ids: list[int]) -> Completion:
+        return Completion(
+            text=model.tokenizer.decode(ids), tokens=token_strings(model, ids), token_ids=ids
+        )
+
+    return SteerResponse(
+        prompt_tokens=token_strings(model, prompt.tolist()),
+        baseline=completion(baseline),
+        steered=completion(steered),
+        interventions=applied,
+        seed=req.seed,
+    )

@@ -1,0 +1,131 @@
+"""Service settings: one typed dataclass, filled from flags (`sae serve`) or `SAE_SERVE_*`
+environment variables, validated once at start-up so a bad value stops the server before it
+listens instead of surfacing as a 500 on the first request."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sae.errors import UserError
+
+ENV_PREFIX = "SAE_SERVE_"
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+@dataclass
+class ServerSettings:
+    """Everything `sae serve` can be told. Each field is also read from `SAE_SERVE_<FIELD>`."""
+
+    dictionaries: list[str] = field(default_factory=list)
+    """Dictionary directories to serve, each `PATH` or `NAME=PATH` (the name is the first part
+    of a feature address `NAME/FEATURE_ID`; default: the directory's name)."""
+    host: str = "127.0.0.1"
+    """Interface to listen on. Loopback by default: expose deliberately."""
+    port: int = 8000
+    """TCP port."""
+    model: str | None = None
+    """Language model for text requests; default: each dictionary's cfg.model_name."""
+    device: str = "cpu"
+    """Torch device for the model and dictionaries (cpu, cuda, cuda:1, mps)."""
+    api_key: str | None = None
+    """Key required (as `Authorization: Bearer KEY` or `X-API-Key: KEY`) for writes (labels)
+    and steering. Unset: writes and steering are refused with 403."""
+    public_reads: bool = True
+    """Serve reads without a key. False: every /api request needs the key."""
+    prepend_bos: bool = True
+    """Prepend the model's BOS token to posted text (as the analysis pass does)."""
+    max_prompt_tokens: int = 256
+    """Longest posted text or prompt, in tokens (also capped by the model's context)."""
+    max_new_tokens: int = 64
+    """Largest `max_new_tokens` a steering request may ask for."""
+    max_batch: int = 64
+    """Most feature addresses in one batch-get or activations request."""
+    max_page: int = 100
+    """Largest page (`limit`) for listings, searches and top examples."""
+    max_body_bytes: int = 65536
+    """Largest request body; bigger bodies get 413 before they are read."""
+    max_queue: int = 16
+    """Most model jobs waiting at once; more get 503 with Retry-After (back-pressure)."""
+    log_level: LogLevel = "info"
+    """Server log level."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_prompt_tokens",
+            "max_new_tokens",
+            "max_batch",
+            "max_page",
+            "max_body_bytes",
+            "max_queue",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"setting {name} must be a positive integer, got {value!r}")
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"setting port must be in 0..65535, got {self.port}")
+        if self.api_key is not None and len(self.api_key) < 8:
+            raise UserError("setting api_key must be at least 8 characters")
+        if not self.public_reads and self.api_key is None:
+            raise UserError("public_reads is off but no api_key is set: nobody could read")
+        if self.log_level not in typing.get_args(LogLevel):
+            raise UserError(f"setting log_level must be one of {typing.get_args(LogLevel)}")
+        names = [spec_name(s) for s in self.dictionaries]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise UserError(
+                f"two dictionaries are named {', '.join(dupes)}; name them with NAME=PATH"
+            )
+        for n in names:
+            if not n or "/" in n or n.startswith("."):
+                raise UserError(f"dictionary name {n!r} must be non-empty and contain no '/'")
+
+
+def spec_name(spec: str) -> str:
+    """The served name of a `PATH` or `NAME=PATH` dictionary spec."""
+    if "=" in spec:
+        return spec.split("=", 1)[0]
+    return os.path.basename(os.path.normpath(spec))
+
+
+def spec_path(spec: str) -> str:
+    return spec.split("=", 1)[1] if "=" in spec else spec
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+def settings_from_env(
+    environ: typing.Mapping[str, str] | None = None, **given: Any
+) -> ServerSettings:
+    """Settings from `SAE_SERVE_*` variables, overridden by keyword arguments (flags)."""
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(ServerSettings)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(ServerSettings):
+        raw = environ.get(ENV_PREFIX + f.name.upper())
+        if raw is None:
+            continue
+        tp = hints[f.name]
+        try:
+            if tp is bool:
+                values[f.name] = _parse_bool(raw)
+            elif tp is int:
+                values[f.name] = int(raw)
+            elif typing.get_origin(tp) is list:
+                values[f.name] = [s for s in raw.split(",") if s]
+            else:
+                values[f.name] = raw
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: {e}") from None
+    values.update({k: v for k, v in given.items() if v is not None})
+    return ServerSettings(**values)
