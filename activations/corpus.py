@@ -21,6 +21,7 @@ file; documents are yielded in sorted path order.
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,14 +64,14 @@ def _excluded(relative: Path, head: str) -> bool:
 
 
 def corpus_files(root: Path | None = None) -> list[str]:
-    """Sorted relative paths of all candidate `.py` files (before the UTF-8 check)."""
+    """Sorted relative POSIX paths of all candidate `.py` files (before the UTF-8 check)."""
     root = stdlib_root() if root is None else root
     paths = []
-    for path in root.rglob("*.py"):
-        relative = path.relative_to(root)
-        if any(part in _EXCLUDED_DIRS for part in relative.parts[:-1]):
-            continue  # skip the (large) site-packages walk results early
-        paths.append(relative.as_posix())
+    for folder, dirs, files in os.walk(root):
+        # Prune in place so the walk never enters site-packages (often hundreds of MB).
+        dirs[:] = [d for d in dirs if d not in _EXCLUDED_DIRS]
+        relative = Path(folder).relative_to(root)
+        paths.extend((relative / f).as_posix() for f in files if f.endswith(".py"))
     return sorted(paths)
 
 
