@@ -66,7 +66,7 @@ def _excluded(relative: Path, head: str) -> bool:
 def corpus_files(root: Path | None = None) -> list[str]:
     """Sorted relative POSIX paths of all candidate `.py` files (before the UTF-8 check)."""
     root = stdlib_root() if root is None else root
-    paths = []
+    paths: list[str] = []
     for folder, dirs, files in os.walk(root):
         # Prune in place so the walk never enters site-packages (often hundreds of MB).
         dirs[:] = [d for d in dirs if d not in _EXCLUDED_DIRS]
