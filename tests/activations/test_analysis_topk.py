@@ -113,7 +113,10 @@ def test_streaming_topn_equals_full_sort(n_top: int) -> None:
         assert res.max_act[f] == (r["top_vals"][0] if n else 0.0)
         # The sample: exactly the firings with the largest hash keys, sorted by activation.
         m = len(r["sampled_sets"])
-        got = {int(s) * T + int(p) for s, p in zip(res.q_sequence[f, :m], res.q_position[f, :m])}
+        got = {
+            int(s) * T + int(p)
+            for s, p in zip(res.q_sequence[f, :m], res.q_position[f, :m], strict=True)
+        }
         assert got == r["sampled_sets"]
         assert res.q_acts[f, :m, L].tolist() == r["sampled_vals"]
         assert (res.q_sequence[f, m:] == -1).all()
