@@ -240,7 +240,8 @@ def assign_weights(
                 f"unexpected tensor for architecture {d.cfg.architecture!r} "
                 f"(expected {', '.join(expected)})",
             )
-    for name, t in tensors.items():
+    for name in expected:  # in the module's order: W_enc first, as users read the shapes
+        t = tensors[name]
         if t.dtype not in DTYPES.values():
             raise DictionaryFormatError(
                 weights_path,

@@ -95,3 +95,30 @@ def test_offline_hub_miss_is_a_clear_user_error(
 def test_missing_local_path_that_is_not_a_repo_id(tmp_path: Path) -> None:
     with pytest.raises(DictionaryFormatError, match="no such file"):
         load_dictionary(tmp_path / "nope")
+
+
+def test_hub_repo_id_resolves_through_the_local_hub_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Hugging Face cache laid out by hand, as huggingface_hub leaves it after a download:
+    # the real snapshot_download code path finds it offline.
+    cache = tmp_path / "hub-cache"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--someorg--some-saes"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    d = random_dictionary("jumprelu")
+    d.save(repo / "snapshots" / sha / "layer_3")
+    import huggingface_hub.constants as c
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    for e in (
+        load_dictionary("someorg/some-saes", subfolder="layer_3"),
+        load_dictionary("someorg/some-saes/layer_3"),
+        Dictionary.load("someorg/some-saes", subfolder="layer_3"),
+    ):
+        assert torch.equal(e.get_parameter("threshold"), d.get_parameter("threshold"))
+    with pytest.raises(DictionaryFormatError, match="no such subfolder"):
+        load_dictionary("someorg/some-saes", subfolder="layer_4")
