@@ -100,13 +100,14 @@ def load_dictionary(
     """
     from sae import formats
 
-    root = resolve_path(path_or_repo, subfolder=subfolder, revision=revision)
-    d = formats.load_any(root)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise UserError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
-    return d.to(device=device, dtype=dtype)
+    root = resolve_path(path_or_repo, subfolder=subfolder, revision=revision)
+    d = formats.load_any(root).to(device=device, dtype=dtype)
+    d.cfg.dtype = dtype_name(d.dtype)  # describe the module as loaded, not as stored
+    return d
 
 
 def load_native(root: Path) -> Dictionary:

@@ -48,7 +48,8 @@ def test_dtype_is_written_and_cast_on_load(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "bf" / "cfg.json").read_text())["dtype"] == "bfloat16"
     e = load_dictionary(tmp_path / "bf")
     assert e.dtype == torch.bfloat16 and torch.equal(e.W_enc, d.W_enc)
-    assert load_dictionary(tmp_path / "bf", dtype="float32").dtype == torch.float32
+    f32 = load_dictionary(tmp_path / "bf", dtype="float32")
+    assert f32.dtype == torch.float32 and f32.cfg.dtype == "float32"
     with pytest.raises(UserError, match="unsupported dtype"):
         load_dictionary(tmp_path / "bf", dtype="int8")
 
