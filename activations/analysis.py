@@ -51,8 +51,9 @@ class AnalysisConfig:
     """Top-activating examples kept per feature."""
     context_before: int = 24
     """Tokens shown before the activating token in an example."""
-    context_after: int = 8
-    """Tokens shown after the activating token in an example."""
+    context_after: int = 7
+    """Tokens shown after the activating token in an example (24 + 1 + 7 = 32-token windows,
+    Delphi's default example length)."""
     n_quantiles: int = 5
     """Activation-quantile buckets of the sampled examples."""
     examples_per_quantile: int = 5
@@ -409,6 +410,14 @@ def model_activations(
             yield ActivationBatch(tokens, batch.sequence, acts)
 
 
+def _pad_id(tokenizer: Any) -> int:
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
 def token_strings(tokenizer: Any, d_vocab: int) -> list[str]:
     """How each token id reads in text (byte-level BPE markers decoded)."""
     n = min(d_vocab, len(tokenizer))
@@ -465,6 +474,7 @@ def analyze(
             "split": text.split,
             "context_size": text.context_size,
             "architecture": dictionary.cfg.architecture,
+            "pad_token_id": _pad_id(model.tokenizer),
             "logit_effects": "direct path, unit decoder direction @ W_U (no final LN scale)"
             if effects is not None
             else None,

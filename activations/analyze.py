@@ -1,0 +1,235 @@
+"""`sae analyze DICT` and `sae compare DICT_A DICT_B` (issue 6).
+
+    sae analyze runs/my_dict --tokens 200000 --show 3
+    sae analyze runs/my_dict --skip-analysis --features 5 17 --export-neuronpedia np/
+    sae compare runs/dict_4k runs/dict_8k --tokens 100000
+
+`analyze` runs text through the model and the dictionary once, writes the feature store
+(`<dict>/analysis/` unless --out), and can print a plain-text summary of some features.
+`compare` prints, for features of A, the nearest features of B by decoder cosine and by
+activation correlation, and writes the full result as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from sae.dataclass_cli import add_dataclass_args, dataclass_from_args
+from sae.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="language model (default: the dictionary's model_name, "
+                   "else the bundled model)")  # fmt: skip
+    p.add_argument("--text", default="bundled", help="text source: 'bundled', a local file "
+                   "or folder, or a Hugging Face dataset name (default: bundled)")  # fmt: skip
+    p.add_argument("--split", default="validation",
+                   help="dataset split (default: validation; local files only have train)")  # fmt: skip
+    p.add_argument("--context-size", type=int, default=128, help="tokens per context")
+    p.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from activations.analysis import AnalysisConfig
+
+    p = subparsers.add_parser(
+        "analyze",
+        help="per-feature statistics, top activations and logit effects -> feature store",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("dictionary", help="dictionary directory or hub repo id")
+    _add_common(p)
+    p.add_argument("--hook", help="hook name, if the dictionary's cfg.json has none")
+    p.add_argument("--tokens", type=int, dest="n_tokens", default=argparse.SUPPRESS,
+                   help="tokens to analyse (same as --n-tokens)")  # fmt: skip
+    add_dataclass_args(p, AnalysisConfig)
+    p.add_argument("--out", help="feature store directory (default: <dictionary>/analysis)")
+    p.add_argument("--skip-analysis", action="store_true",
+                   help="use the existing feature store: only show / export")  # fmt: skip
+    p.add_argument("--show", type=int, default=0, metavar="N",
+                   help="print a plain-text summary of N features (evenly spread over the "
+                   "features that fired)")  # fmt: skip
+    p.add_argument("--features", type=int, nargs="+", metavar="ID", help="features to print")
+    p.add_argument("--export-neuronpedia", metavar="DIR", help="write Neuronpedia-style JSON")
+    p.add_argument("--export-delphi", metavar="DIR", help="write a Delphi latent cache")
+    p.set_defaults(func=run)
+
+    c = subparsers.add_parser(
+        "compare",
+        help="nearest features between two dictionaries (decoder cosine, activation correlation)",
+    )
+    c.add_argument("dictionary_a")
+    c.add_argument("dictionary_b")
+    _add_common(c)
+    c.add_argument("--tokens", type=int, default=100_000, help="tokens for the correlations")
+    c.add_argument("-k", type=int, default=5, help="nearest features kept per feature")
+    c.add_argument("--show", type=int, default=10, metavar="N", help="features of A to print")
+    c.add_argument("--out", help="JSON result (default: <dictionary_a>/analysis/compare-<b>.json)")
+    c.set_defaults(func=run_compare)
+    return p
+
+
+# -- shared set-up ------------------------------------------------------------------------------
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def _text_config(args: argparse.Namespace) -> Any:
+    from activations.text import TextConfig
+
+    split = args.split
+    if args.text != "bundled" and Path(args.text).expanduser().exists() and split == "validation":
+        split = "train"  # local files have one split
+    try:
+        return TextConfig(dataset=args.text, split=split, context_size=args.context_size,
+                          batch_size=args.batch_size)  # fmt: skip
+    except ValueError as e:
+        raise UserError(str(e)) from e
+
+
+def _load(dictionary: str, model_name: str | None, device: str) -> tuple[Any, Any, str]:
+    from activations.model import BUNDLED_MODEL, load_model
+    from sae.io import load_dictionary
+
+    d = load_dictionary(dictionary, device=device)
+    name = model_name or d.cfg.model_name or BUNDLED_MODEL
+    model = load_model(name, device=device)
+    return d, model, name
+
+
+def _store_dir(args: argparse.Namespace) -> Path:
+    if args.out:
+        return Path(args.out)
+    path = Path(args.dictionary).expanduser()
+    if not path.is_dir():
+        raise UserError(f"{args.dictionary} is not a local directory: pass --out for the store")
+    return path / "analysis"
+
+
+# -- analyze ------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    from activations.analysis import AnalysisConfig, analyze
+    from sae.store import FeatureStore
+
+    store_dir = _store_dir(args)
+    if not args.skip_analysis:
+        try:
+            cfg = dataclass_from_args(AnalysisConfig, args, None)
+        except ValueError as e:
+            raise UserError(str(e)) from e
+        device = _device(args.device)
+        dictionary, model, model_name = _load(args.dictionary, args.model, device)
+        text = _text_config(args)
+        if text.context_size > model.cfg.n_ctx:
+            raise UserError(
+                f"--context-size {text.context_size} exceeds the model's context {model.cfg.n_ctx}"
+            )
+        arrays = analyze(model, dictionary, text, cfg, hook_name=args.hook,
+                         dictionary_name=str(args.dictionary), model_name=model_name)  # fmt: skip
+        with FeatureStore.open(store_dir) as store:
+            meta = store.replace_statistics(arrays)
+        print(f"analysed {meta.n_tokens:,} tokens: {meta.d_sae} features -> {store_dir} "
+              f"(generation {meta.generation})")  # fmt: skip
+    with FeatureStore.open(store_dir, readonly=True) as store:
+        ids = list(args.features or []) or pick_features(store, args.show)
+        for fid in ids:
+            print(format_feature(store, fid))
+        if args.export_neuronpedia:
+            from activations.export import export_neuronpedia
+
+            print(f"Neuronpedia JSON -> {export_neuronpedia(store, args.export_neuronpedia)}")
+        if args.export_delphi:
+            from activations.export import export_delphi
+
+            print(f"Delphi latent cache -> {export_delphi(store, args.export_delphi)}")
+    return 0
+
+
+def pick_features(store: Any, n: int) -> list[int]:
+    """n features spread evenly over those that fired, in feature_id order."""
+    if n <= 0:
+        return []
+    meta = store.meta()
+    alive = [s.feature_id for s in store.features(limit=meta.d_sae) if s.density > 0]
+    if len(alive) <= n:
+        return alive
+    return [alive[round(i * (len(alive) - 1) / max(n - 1, 1))] for i in range(n)]
+
+
+def _visible(token: str) -> str:
+    return token.replace("\n", "⏎").replace("\t", "⇥")
+
+
+def format_feature(store: Any, feature_id: int, n_examples: int = 3) -> str:
+    """A plain-text card: statistics, top tokens, logit effects, top examples."""
+    rec = store.feature(feature_id)
+    lines = [
+        f"feature {rec.feature_id}: density {rec.density:.3%} ({rec.n_fires} tokens), "
+        f"mean {rec.mean_act:.3g}, max {rec.max_act:.3g}"
+        + (f", label: {rec.labels[-1].text!r}" if rec.labels else ""),
+        "  top tokens: " + ", ".join(repr(_visible(t)) for t in rec.top_tokens[:10]),
+    ]
+    if rec.promoted:
+        lines.append("  promotes:   " + ", ".join(
+            f"{_visible(e.token)!r} {e.value:+.2f}" for e in rec.promoted[:6]))  # fmt: skip
+        lines.append("  suppresses: " + ", ".join(
+            f"{_visible(e.token)!r} {e.value:+.2f}" for e in rec.suppressed[:6]))  # fmt: skip
+    for ex in store.top_examples(feature_id, limit=n_examples):
+        text = "".join(
+            f"[[{_visible(t)}]]" if i == ex.max_index else _visible(t)
+            for i, t in enumerate(ex.tokens)
+        )
+        lines.append(f"  {ex.max_act:7.3f}  {text}")
+    return "\n".join(lines)
+
+
+# -- compare ------------------------------------------------------------------------------------
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from activations.compare import compare_dictionaries, comparison_json
+    from sae.atomic import atomic_write_json
+    from sae.io import load_dictionary
+
+    device = _device(args.device)
+    a, model, _ = _load(args.dictionary_a, args.model, device)
+    b = load_dictionary(args.dictionary_b, device=device)
+    text = _text_config(args)
+    if args.tokens < 1 or args.k < 1:
+        raise UserError("--tokens and -k must be positive")
+    cmp = compare_dictionaries(model, a, b, text, args.tokens, k=args.k)
+    doc = comparison_json(cmp, str(args.dictionary_a), str(args.dictionary_b))
+    if args.out:
+        out = Path(args.out)
+    elif Path(args.dictionary_a).is_dir():
+        out = Path(args.dictionary_a) / "analysis" / f"compare-{Path(args.dictionary_b).name}.json"
+    else:
+        out = Path(f"compare-{Path(args.dictionary_b).name}.json")
+    atomic_write_json(out, doc)
+    print(f"compared over {cmp.n_tokens:,} tokens ({a.d_sae} vs {b.d_sae} features) -> {out}")
+    for key, value in doc["summary"].items():
+        print(f"  {key}: {value:.3f}")
+    for row in doc["a_to_b"][: args.show]:
+        cos = ", ".join(f"{i}:{v:.2f}" for i, v in row["cosine"][:3])
+        corr = ", ".join(f"{i}:{v:.2f}" for i, v in row["correlation"][:3])
+        print(f"  A{row['feature_id']:>5}  cosine -> {cos}   correlation -> {corr}")
+    logger.debug("%s", json.dumps(doc["summary"]))
+    return 0
