@@ -91,6 +91,7 @@ def create_app(settings: ServerSettings | None = None, state: AppState | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = state is None  # a state handed in belongs to the caller, who closes it
         app.state.sae = (
             state if state is not None else await run_in_threadpool(load_state, settings)
         )
@@ -98,9 +99,8 @@ def create_app(settings: ServerSettings | None = None, state: AppState | None = 
         try:
             yield
         finally:
-            for sd in app.state.sae.dictionaries.values():
-                if sd.store is not None:
-                    sd.store.close()
+            if owned:
+                app.state.sae.close()
             app.state.sae = None
 
     app = FastAPI(

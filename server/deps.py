@@ -85,6 +85,11 @@ class AppState:
     """Loaded language models (TransformerBridge), by model name."""
     queue: ModelQueue
 
+    def close(self) -> None:
+        for sd in self.dictionaries.values():
+            if sd.store is not None:
+                sd.store.close()
+
     def model_for(self, sd: ServedDictionary) -> Any:
         return self.models[sd.model_key]
 

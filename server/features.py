@@ -9,7 +9,7 @@ from typing import Any, Literal
 from sae import store as st
 from server.deps import AppState, ServedDictionary
 from server.errors import ApiError
-from server.inference import LimitExceeded, direct_logit_effects, token_scores, tokenize
+from server.inference import LimitExceeded, feature_logit_effects, token_scores, tokenize
 from server.schemas import (
     ActivationExample,
     ExamplePage,
@@ -37,26 +37,22 @@ def _example(ex: st.Example) -> ActivationExample:
 
 
 def _computed_logit_effects(state: AppState, sd: ServedDictionary, fid: int) -> LogitEffects:
+    """Without analysis, the same logit effects the analysis pass would store."""
     model = state.model_for(sd)
-    assert sd.dictionary.cfg.hook_name is not None
-    effects = direct_logit_effects(
-        model, sd.dictionary.feature_direction(fid), sd.dictionary.cfg.hook_name
-    )
+    effects = feature_logit_effects(model, sd.dictionary, fid, N_LOGIT_EFFECTS)
     if effects is None:
         return LogitEffects(positive=[], negative=[])
-    k = min(N_LOGIT_EFFECTS, effects.numel())
     decode = model.tokenizer.decode
 
     def rows(values: Any, ids: Any) -> list[TokenEffect]:
         return [
             TokenEffect(token_id=int(i), token=decode([int(i)]), value=float(v))
-            for v, i in zip(values.tolist(), ids.tolist(), strict=True)
+            for v, i in zip(values[0].tolist(), ids[0].tolist(), strict=True)
         ]
 
-    top = effects.topk(k)
-    bottom = (-effects).topk(k)
     return LogitEffects(
-        positive=rows(top.values, top.indices), negative=rows(-bottom.values, bottom.indices)
+        positive=rows(effects.promoted, effects.promoted_ids),
+        negative=rows(effects.suppressed, effects.suppressed_ids),
     )
 
 

@@ -18,7 +18,8 @@ from jaxtyping import Float, Int
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
-from activations.hooks import ActivationCapture, hook_layer
+from activations.analysis import LogitEffects, logit_effects, residual_directions
+from activations.hooks import ActivationCapture
 from activations.text import special_ids
 from sae.base import Dictionary
 from sae.errors import UserError
@@ -83,37 +84,15 @@ def encode_text(
     return EncodedText(ids, token_strings(model, ids.tolist()), f.float().cpu())
 
 
-def _unembed_input(model: Any, hook_name: str) -> Callable[[Tensor], Tensor] | None:
-    """Map a vector at `hook_name` to the residual stream it writes, or None if that hook is
-    not on a direct path (attention internals)."""
-    layer = hook_layer(hook_name)
-    if hook_name.endswith("mlp.hook_post") and layer is not None:
-        W_out = model.W_out[layer]  # [d_mlp, d_model]
-        return lambda v: v @ W_out
-    resid = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_out", "hook_attn_out")
-    if hook_name.endswith(resid):
-        return lambda v: v
-    return None
-
-
 @torch.no_grad()
-def direct_logit_effects(
-    model: Any, direction: Float[Tensor, " D"], hook_name: str
-) -> Float[Tensor, " V"] | None:
-    """Logit change per unit of `direction` written at `hook_name`, along the direct path.
-
-    In TransformerLens's processed weights (compatibility mode: final LayerNorm folded into
-    W_U, writing weights centred) this is what a large added multiple of the direction does
-    to the logits: LN only rescales a centred residual. We centre explicitly so the answer is
-    also right for a residual-stream hook. None for hooks with no direct path to the logits.
-    """
-    to_resid = _unembed_input(model, hook_name)
-    if to_resid is None:
-        return None
-    W_U = model.W_U  # [d_model, d_vocab]
-    r = to_resid(direction.to(W_U.device, W_U.dtype))
-    r = r - r.mean()
-    return (r @ W_U).float().cpu()
+def feature_logit_effects(
+    model: Any, dictionary: Dictionary, feature_id: int, k: int
+) -> LogitEffects | None:
+    """The promoted and suppressed tokens of one feature, computed exactly as the analysis
+    pass computes them for the store (direct path, unit decoder direction @ W_U)."""
+    hook_name = dictionary.cfg.hook_name or ""
+    W = dictionary.W_dec[feature_id : feature_id + 1]
+    return logit_effects(model, hook_name, W.to(model.W_U.device), k)
 
 
 class ModelQueue:
@@ -145,18 +124,16 @@ class ModelQueue:
 
 @torch.no_grad()
 def token_scores(model: Any, dictionary: Dictionary, token_id: int) -> Float[Tensor, " F"] | None:
-    """Direct logit effect of every feature's unit decoder direction on one token: the same
-    quantity as `direct_logit_effects`, read down a column. u - mean(u) plays the role of
-    centring each direction, so the [F, d_model] product is never formed."""
+    """Every feature's direct logit effect on one token: the `feature_logit_effects`
+    quantity read down a column. The hook space's map to the residual stream is linear, so
+    it is applied to the token's unembedding column once (M u), never to all F directions."""
     hook_name = dictionary.cfg.hook_name or ""
-    to_resid = _unembed_input(model, hook_name)
-    if to_resid is None:
+    W_U = model.W_U.detach().float()
+    eye = torch.eye(dictionary.d_in, device=W_U.device)
+    M = residual_directions(model, hook_name, eye)  # [d_in, d_model]
+    if M is None:
         return None
-    u = model.W_U[:, token_id]
-    u = u - u.mean()
-    layer = hook_layer(hook_name)
-    if hook_name.endswith("mlp.hook_post") and layer is not None:
-        u = model.W_out[layer] @ u  # [d_mlp]
-    W_dec = dictionary.W_dec
+    v = M @ W_U[:, token_id]  # [d_in]
+    W_dec = dictionary.W_dec.float()
     unit = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return (unit @ u.to(W_dec.device, W_dec.dtype)).float().cpu()
+    return (unit @ v.to(unit.device)).cpu()

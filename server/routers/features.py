@@ -28,9 +28,13 @@ Limit = Annotated[
 ]
 
 
-def _check_page(state: StateDep, limit: int) -> None:
+def _page(state: StateDep, limit: int | None, default: int) -> int:
+    """The page size: `default` (at most max_page) if not given; over max_page is an error."""
+    if limit is None:
+        return min(default, state.settings.max_page)
     if limit > state.settings.max_page:
         raise LimitExceeded(f"limit {limit}; the limit is {state.settings.max_page}")
+    return limit
 
 
 def _feature_id(sd: ServedDictionary, feature_id: int) -> int:
@@ -49,12 +53,11 @@ def list_features(
     state: StateDep,
     sd: DictionaryDep,
     offset: Offset = 0,
-    limit: Limit = 50,
+    limit: Limit = None,
     order_by: svc.OrderBy = "feature_id",
     descending: bool = False,
 ) -> FeaturePage:
-    _check_page(state, limit)
-    return svc.list_features(sd, offset, limit, order_by, descending)
+    return svc.list_features(sd, offset, _page(state, limit, 50), order_by, descending)
 
 
 @router.get(
@@ -68,10 +71,10 @@ def get_feature(
     sd: DictionaryDep,
     feature_id: FeatureId,
     offset: Offset = 0,
-    limit: Limit = 10,
+    limit: Limit = None,
 ) -> FeatureResponse:
-    _check_page(state, limit)
-    return svc.feature_response(state, sd, _feature_id(sd, feature_id), offset, limit)
+    fid = _feature_id(sd, feature_id)
+    return svc.feature_response(state, sd, fid, offset, _page(state, limit, 10))
 
 
 @router.post(
@@ -85,7 +88,7 @@ def batch_features(state: StateDep, req: BatchFeaturesRequest) -> BatchFeaturesR
         raise LimitExceeded(
             f"{len(req.features)} features; the limit is {state.settings.max_batch}"
         )
-    _check_page(state, req.examples_limit)
+    _page(state, req.examples_limit, 0)
     out = []
     for address in req.features:
         sd, fid = state.resolve(address)
@@ -115,10 +118,9 @@ def search(
         ),
     ] = "text",
     offset: Offset = 0,
-    limit: Limit = 20,
+    limit: Limit = None,
 ) -> FeaturePage:
-    _check_page(state, limit)
-    return svc.search_features(state, state.get(dictionary), q, by, offset, limit)
+    return svc.search_features(state, state.get(dictionary), q, by, offset, _page(state, limit, 20))
 
 
 @router.post(

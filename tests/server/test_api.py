@@ -1,0 +1,429 @@
+"""Every endpoint of a real uvicorn server, its errors, auth and limits, and parity with the
+Python API (what the service returns, a loaded Dictionary and model reproduce)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from tests.server.conftest import API_KEY, HOOK, serve_state
+
+TEXT = "import os\nprint(os.getcwd())\n"
+
+
+def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
+    """The one error body shape, whatever produced the error."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"code", "message", "detail"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    return body["error"]
+
+
+def test_health_and_ready(client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["dictionaries"] == 2 and ready["queue"] == 0
+
+
+def test_dictionaries(client: httpx.Client) -> None:
+    ds = {d["name"]: d for d in client.get("/api/dictionaries").json()["dictionaries"]}
+    assert set(ds) == {"mlp0", "bare"}
+    assert ds["mlp0"]["has_analysis"] and ds["mlp0"]["analysis"]["n_top"] == 12
+    assert not ds["bare"]["has_analysis"] and ds["bare"]["analysis"] is None
+    one = client.get("/api/dictionaries/bare").json()
+    assert one == ds["bare"] and one["d_sae"] == 128 and one["hook_name"] == HOOK
+    assert_error(client.get("/api/dictionaries/nope"), 404, "not_found")
+
+
+def _firing_feature(state: Any) -> int:
+    """An analysed feature with stored examples (the strongest)."""
+    store = state.dictionaries["mlp0"].store
+    return store.features(0, 1, order_by="max_act", descending=True)[0].feature_id
+
+
+def test_feature_page_is_the_store(client: httpx.Client, state: Any) -> None:
+    fid = _firing_feature(state)
+    store = state.dictionaries["mlp0"].store
+    rec = store.feature(fid)
+    f = client.get(f"/api/features/mlp0/{fid}", params={"limit": 5}).json()
+    assert f["address"] == f"mlp0/{fid}" and f["feature_id"] == fid
+    assert f["stats"]["max_activation"] == pytest.approx(rec.max_act)
+    assert f["stats"]["frequency"] == pytest.approx(rec.density)
+    assert f["stats"]["count"] == rec.n_fires > 0
+    assert f["histogram"]["counts"] == rec.histogram.counts
+    assert len(f["histogram"]["bin_edges"]) == len(f["histogram"]["counts"]) + 1
+    assert [e["token_id"] for e in f["logit_effects"]["positive"]] == [
+        e.token_id for e in rec.promoted
+    ]
+    # Pagination: two pages are the first ten of the stored top examples, in order.
+    all_examples = store.top_examples(fid, 0, 100)
+    page1 = f["top_examples"]
+    page2 = client.get(f"/api/features/mlp0/{fid}", params={"offset": 5, "limit": 5}).json()[
+        "top_examples"
+    ]
+    assert page1["total"] == page2["total"] == len(all_examples)
+    got = [e["max_value"] for e in page1["items"] + page2["items"]]
+    assert got == pytest.approx([e.max_act for e in all_examples[:10]])
+    assert got == sorted(got, reverse=True)
+    ex = page1["items"][0]
+    assert ex["values"][ex["max_index"]] == pytest.approx(ex["max_value"])
+    assert len(ex["tokens"]) == len(ex["values"])
+
+
+def test_feature_without_analysis_has_computed_logit_effects(
+    client: httpx.Client, state: Any
+) -> None:
+    from activations.analysis import logit_effects
+
+    f = client.get("/api/features/bare/7").json()
+    assert f["stats"] is None and f["histogram"] is None and f["top_examples"]["total"] == 0
+    sd = state.dictionaries["bare"]
+    ref = logit_effects(state.model_for(sd), HOOK, sd.dictionary.W_dec, 10)
+    assert [e["token_id"] for e in f["logit_effects"]["positive"]] == ref.promoted_ids[7].tolist()
+    assert [e["value"] for e in f["logit_effects"]["negative"]] == pytest.approx(
+        ref.suppressed[7].tolist(), rel=1e-5
+    )
+
+
+def test_feature_errors(client: httpx.Client) -> None:
+    assert_error(client.get("/api/features/mlp0/128"), 404, "not_found")
+    assert_error(client.get("/api/features/nope/1"), 404, "not_found")
+    assert_error(client.get("/api/features/mlp0/-1"), 422, "validation_error")
+    assert_error(client.get("/api/features/mlp0/abc"), 422, "validation_error")
+    assert_error(client.get("/api/features/mlp0/99999999999999999999"), 422, "validation_error")
+    assert_error(client.get("/api/features/mlp0/1", params={"limit": 21}), 422, "limit_exceeded")
+
+
+def test_list_features(client: httpx.Client, state: Any) -> None:
+    page = client.get("/api/features/mlp0", params={"limit": 7, "offset": 3}).json()
+    assert [f["feature_id"] for f in page["items"]] == list(range(3, 10)) and page["total"] == 128
+    by_max = client.get(
+        "/api/features/mlp0", params={"order_by": "max_activation", "descending": True, "limit": 20}
+    ).json()["items"]
+    maxes = [f["max_activation"] for f in by_max]
+    assert maxes == sorted(maxes, reverse=True) and maxes[0] > 0
+    bare = client.get("/api/features/bare", params={"descending": True, "limit": 2}).json()
+    assert [f["feature_id"] for f in bare["items"]] == [127, 126]
+    assert_error(
+        client.get("/api/features/bare", params={"order_by": "frequency"}), 409, "no_analysis"
+    )
+    assert_error(client.get("/api/features/mlp0", params={"order_by": "bogus"}), 422)
+
+
+def test_batch(client: httpx.Client) -> None:
+    r = client.post(
+        "/api/features/batch",
+        json={"features": ["bare/3", "mlp0/1", "bare/3"], "examples_limit": 2},
+    )
+    assert [f["address"] for f in r.json()["features"]] == ["bare/3", "mlp0/1", "bare/3"]
+    assert all(len(f["top_examples"]["items"]) <= 2 for f in r.json()["features"])
+    assert_error(client.post("/api/features/batch", json={"features": ["mlp0/999"]}), 404)
+    assert_error(
+        client.post("/api/features/batch", json={"features": ["mlp0"]}), 422, "validation_error"
+    )
+    assert_error(client.post("/api/features/batch", json={"features": []}), 422)
+    many = {"features": [f"mlp0/{i}" for i in range(9)]}
+    assert_error(client.post("/api/features/batch", json=many), 422, "limit_exceeded")
+
+
+def test_labels_need_the_key_and_are_searchable(
+    client: httpx.Client, auth: dict[str, str], state: Any
+) -> None:
+    url = "/api/features/mlp0/5/labels"
+    body = {"text": "zebracorn imports", "author": "tester"}
+    assert_error(client.post(url, json=body), 401, "unauthorized")
+    assert_error(
+        client.post(url, json=body, headers={"Authorization": "Bearer wrong-key-xxxx"}), 401
+    )
+    assert_error(client.post(url, json=body, headers={"X-API-Key": "nope"}), 401)
+    r = client.post(url, json=body, headers={"X-API-Key": API_KEY})
+    assert r.status_code == 201 and r.json()["text"] == "zebracorn imports"
+    r = client.post(url, json={"text": "zebracorn, second"}, headers=auth)
+    assert r.status_code == 201 and r.json()["author"] == "anonymous"
+    f = client.get("/api/features/mlp0/5").json()
+    assert f["label"] == "zebracorn, second" and [lab["text"] for lab in f["labels"]] == [
+        "zebracorn imports",
+        "zebracorn, second",
+    ]
+    assert state.dictionaries["mlp0"].store.labels(5)[0].author == "tester"  # in the SQLite store
+    found = client.get("/api/search", params={"dictionary": "mlp0", "q": "zebrac"}).json()
+    assert [f["feature_id"] for f in found["items"]] == [5]
+    assert_error(client.post(url, json={"text": ""}, headers=auth), 422)
+    assert_error(client.post(url, json={"text": "x", "extra": 1}, headers=auth), 422)
+    assert_error(client.post("/api/features/mlp0/500/labels", json=body, headers=auth), 404)
+    # A dictionary with no store gets one (labels only) on its first label.
+    r = client.post("/api/features/bare/2/labels", json={"text": "bare label"}, headers=auth)
+    assert r.status_code == 201
+    assert client.get("/api/features/bare/2").json()["label"] == "bare label"
+    assert (
+        client.get("/api/features/bare", params={"offset": 2, "limit": 1}).json()["items"][0][
+            "label"
+        ]
+        == "bare label"
+    )
+    assert_error(
+        client.get("/api/search", params={"dictionary": "bare", "q": "bare"}), 409, "no_analysis"
+    )
+
+
+def test_search_by_token_ranks_by_logit_effect(client: httpx.Client, state: Any) -> None:
+    from activations.analysis import logit_effects
+
+    sd = state.dictionaries["bare"]
+    model = state.model_for(sd)
+    token = next(
+        t
+        for t in ("import", " return", "def", "x")
+        if len(model.tokenizer(t, add_special_tokens=False)["input_ids"]) == 1
+    )
+    ids = model.tokenizer(token, add_special_tokens=False)["input_ids"]
+    full = logit_effects(model, HOOK, sd.dictionary.W_dec, int(model.cfg.d_vocab))
+    # Column of the full [F, vocab] effect matrix for this token, from the sorted top lists.
+    col = torch.zeros(sd.d_sae)
+    for f in range(sd.d_sae):
+        col[f] = full.promoted[f][full.promoted_ids[f] == ids[0]][0]
+    r = client.get(
+        "/api/search", params={"dictionary": "bare", "q": token, "by": "token", "limit": 5}
+    ).json()
+    assert [f["feature_id"] for f in r["items"]] == col.argsort(descending=True)[:5].tolist()
+    assert [f["score"] for f in r["items"]] == pytest.approx(
+        col.sort(descending=True).values[:5].tolist(), rel=1e-4
+    )
+    r2 = client.get(
+        "/api/search", params={"dictionary": "mlp0", "q": token, "by": "token", "limit": 3}
+    )
+    assert r2.status_code == 200 and r2.json()["items"][0]["max_activation"] is not None
+    assert_error(
+        client.get("/api/search", params={"dictionary": "bare", "q": "import os", "by": "token"}),
+        422,
+    )
+    assert_error(client.get("/api/search", params={"dictionary": "nope", "q": "x"}), 404)
+    assert_error(client.get("/api/search", params={"dictionary": "mlp0"}), 422)
+
+
+def _reference_acts(state: Any, name: str, text: str) -> tuple[list[str], torch.Tensor]:
+    """Independently: tokenize like analysis, run_with_cache, Dictionary.encode."""
+    from sae.base import Dictionary
+
+    sd = state.dictionaries[name]
+    model = state.model_for(sd)
+    ids = [
+        model.tokenizer.bos_token_id,
+        *model.tokenizer(text, add_special_tokens=False)["input_ids"],
+    ]
+    _, cache = model.run_with_cache(torch.tensor([ids]), names_filter=HOOK)
+    d = Dictionary.load(sd.path)
+    with torch.no_grad():
+        f = d.encode(cache[HOOK][0])
+    return [model.tokenizer.decode([i]) for i in ids], f
+
+
+def test_activations_parity_with_python_api(client: httpx.Client, state: Any) -> None:
+    feats = ["mlp0/3", "bare/10", "mlp0/77"]
+    r = client.post("/api/activations", json={"text": TEXT, "features": feats}).json()
+    for trace in r["features"]:
+        name, fid = trace["address"].split("/")
+        tokens, f = _reference_acts(state, name, TEXT)
+        assert r["tokens"] == tokens
+        assert trace["values"] == pytest.approx(f[:, int(fid)].tolist(), abs=1e-6)
+        assert trace["max_value"] == pytest.approx(float(f[:, int(fid)].max()), abs=1e-6)
+    assert [t["address"] for t in r["features"]] == feats
+
+
+def test_top_features_parity(client: httpx.Client, state: Any) -> None:
+    r = client.post(
+        "/api/top-features", json={"text": TEXT, "dictionary": "mlp0", "k": 3, "limit": 10}
+    ).json()
+    _tokens, f = _reference_acts(state, "mlp0", TEXT)
+    assert len(r["per_token"]) == f.shape[0]
+    for t, row in enumerate(r["per_token"]):
+        ref = f[t].topk(3)
+        want = [(int(i), float(v)) for v, i in zip(ref.values, ref.indices, strict=True) if v > 0]
+        assert [x["feature_id"] for x in row] == [i for i, _ in want]
+        assert [x["value"] for x in row] == pytest.approx([v for _, v in want], abs=1e-6)
+    fmax = f.max(0).values
+    assert [o["feature_id"] for o in r["overall"]] == fmax.topk(10).indices.tolist()
+    top = r["overall"][0]
+    assert top["count"] == int((f[:, top["feature_id"]] > 0).sum())
+    assert top["sum_value"] == pytest.approx(float(f[:, top["feature_id"]].sum()), abs=1e-5)
+    assert_error(client.post("/api/top-features", json={"text": TEXT, "dictionary": "nope"}), 404)
+    assert_error(
+        client.post("/api/top-features", json={"text": TEXT, "dictionary": "mlp0", "limit": 21}),
+        422,
+        "limit_exceeded",
+    )
+
+
+def test_text_limits_and_validation(client: httpx.Client, auth: dict[str, str]) -> None:
+    long_text = "x = 1\n" * 40  # > 48 tokens
+    err = assert_error(
+        client.post("/api/activations", json={"text": long_text, "features": ["mlp0/1"]}),
+        422,
+        "limit_exceeded",
+    )
+    assert "limit is 48" in err["message"]
+    assert_error(client.post("/api/activations", json={"text": "", "features": ["mlp0/1"]}), 422)
+    assert_error(
+        client.post(
+            "/api/activations", json={"text": "a", "features": [f"mlp0/{i}" for i in range(9)]}
+        ),
+        422,
+        "limit_exceeded",
+    )
+    steer = {
+        "prompt": "def",
+        "interventions": [{"feature": "mlp0/1", "strength": 1}],
+        "max_new_tokens": 17,
+    }
+    assert_error(client.post("/api/steer", json=steer, headers=auth), 422, "limit_exceeded")
+    steer["max_new_tokens"] = 2
+    steer["interventions"] = [{"feature": "mlp0/1", "mode": "scale", "strength": 1}]
+    assert_error(client.post("/api/steer", json=steer, headers=auth), 422, "validation_error")
+
+
+def test_body_limits_and_malformed_requests(client: httpx.Client, base_url: str) -> None:
+    big = {"text": "a" * 20000, "features": ["mlp0/1"]}
+    assert_error(client.post("/api/activations", json=big), 413, "payload_too_large")
+
+    def chunks():  # no Content-Length: the server must count the streamed bytes
+        for _ in range(40):
+            yield b" " * 1024
+
+    r = client.post(
+        "/api/activations", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert_error(r, 413, "payload_too_large")
+    assert_error(
+        client.post(
+            "/api/activations", content=b"{not json", headers={"Content-Type": "application/json"}
+        ),
+        422,
+    )
+    assert_error(
+        client.post(
+            "/api/activations",
+            content=b"\xff\xfe\x00",
+            headers={"Content-Type": "application/json"},
+        ),
+        400,
+        "bad_request",
+    )
+    assert_error(client.post("/api/activations", json=[1, 2]), 422)
+    assert_error(client.post("/api/activations", content=b"text=hi"), 422)
+    assert_error(client.get("/api/nope"), 404, "not_found")
+    assert_error(client.delete("/api/dictionaries"), 405, "method_not_allowed")
+    assert_error(client.get("/api/activations"), 405)
+    # A raw request with a lying Content-Length still gets an answer, not a hang or a 500.
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(
+            b"POST /api/activations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 999999\r\n\r\n{}"
+        )
+        head = s.recv(4096).decode(errors="replace")
+    assert head.startswith("HTTP/1.1 413")
+
+
+def test_writes_disabled_without_a_key(state: Any) -> None:
+    with serve_state(state, api_key=None) as url, httpx.Client(base_url=url) as c:
+        err = assert_error(
+            c.post("/api/features/mlp0/1/labels", json={"text": "x"}), 403, "forbidden"
+        )
+        assert "api key" in err["message"].lower()
+        steer = {"prompt": "def", "interventions": [{"feature": "mlp0/1", "strength": 1}]}
+        assert_error(c.post("/api/steer", json=steer, headers={"X-API-Key": API_KEY}), 403)
+        assert c.get("/api/features/mlp0/1").status_code == 200
+
+
+def test_private_reads(state: Any) -> None:
+    with serve_state(state, public_reads=False) as url, httpx.Client(base_url=url) as c:
+        assert_error(c.get("/api/dictionaries"), 401, "unauthorized")
+        assert_error(c.post("/api/activations", json={"text": "a", "features": ["mlp0/1"]}), 401)
+        assert c.get("/api/dictionaries", headers={"X-API-Key": API_KEY}).status_code == 200
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+
+
+def test_queue_full_answers_503(state: Any) -> None:
+    """Back-pressure: with max_queue=1 and the model busy, a second job is refused at once."""
+    import dataclasses
+
+    from server.app import create_app
+    from server.inference import ModelQueue
+    from tests.server.conftest import running_server
+
+    queue = ModelQueue(1)
+    busy_state = dataclasses.replace(state, queue=queue)
+    body = {"text": "a", "features": ["mlp0/1"]}
+    queue._lock.acquire()  # the model is busy
+    try:
+        with (
+            running_server(create_app(state=busy_state)) as url,
+            httpx.Client(base_url=url, timeout=30) as c,
+        ):
+            first: dict[str, Any] = {}
+            t = threading.Thread(
+                target=lambda: first.setdefault("r", c.post("/api/activations", json=body))
+            )
+            t.start()
+            for _ in range(500):
+                if queue.pending:
+                    break
+                threading.Event().wait(0.01)
+            r = c.post("/api/activations", json=body)
+            assert_error(r, 503, "busy")
+            assert r.headers["retry-after"] == "1"
+            queue._lock.release()
+            t.join(timeout=30)
+            assert first["r"].status_code == 200
+    finally:
+        if queue._lock.locked():
+            queue._lock.release()
+
+
+def test_concurrent_requests_agree(client: httpx.Client, base_url: str) -> None:
+    body = {"text": TEXT, "features": ["mlp0/3", "bare/4"]}
+    want = client.post("/api/activations", json=body).json()
+
+    def one(i: int) -> Any:
+        with httpx.Client(base_url=base_url, timeout=60) as c:
+            if i % 2:
+                return c.get("/api/features/mlp0/3").status_code
+            return c.post("/api/activations", json=body).json()
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(16)))
+    assert all(r == 200 for r in results[1::2])
+    assert all(r == want for r in results[0::2])
+
+
+def test_openapi_and_browser_page(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    paths = set(spec["paths"])
+    assert {
+        "/healthz",
+        "/readyz",
+        "/api/dictionaries",
+        "/api/dictionaries/{dictionary}",
+        "/api/features/{dictionary}",
+        "/api/features/{dictionary}/{feature_id}",
+        "/api/features/batch",
+        "/api/features/{dictionary}/{feature_id}/labels",
+        "/api/search",
+        "/api/activations",
+        "/api/top-features",
+        "/api/steer",
+    } == paths
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "app.js" in page.text
+    assert client.get("/static/app.js").status_code == 200
+    assert_error(client.get("/static/nope.js"), 404)
