@@ -24,7 +24,10 @@ router = APIRouter(prefix="/api", tags=["features"])
 FeatureId = Annotated[int, Path(ge=0, le=10**9, description="Index into the dictionary.")]
 Offset = Annotated[int, Query(ge=0, le=10**9, description="Items to skip.")]
 Limit = Annotated[
-    int, Query(ge=0, le=1000, description="Items to return (capped by the server's max_page).")
+    int | None,
+    Query(
+        ge=0, le=1000, description="Items to return (default and maximum: the server's max_page)."
+    ),
 ]
 
 
