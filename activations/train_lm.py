@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import shlex
 import sys
 import time
@@ -432,6 +433,7 @@ as hub models: `activations.model.load_model("{metrics["name"]}")`.
 | unigram entropy of the same {metrics["val_tokens"]:,} validation tokens | {metrics["unigram_entropy_nats_per_token"]:.4f} nats/token |
 | ratio | {metrics["val_ce_nats_per_token"] / metrics["unigram_entropy_nats_per_token"]:.3f} |
 | training time | {metrics["train_seconds"] / 60:.1f} min of optimisation, {metrics["total_seconds"] / 60:.1f} min in all, {c["threads"]} CPU threads |
+| machine | {metrics["machine"]} |
 
 The validation split is about 5% of the files, chosen by a hash of the relative path.
 The unigram entropy is that of the empirical token distribution of the validation targets
@@ -480,6 +482,8 @@ def run_training(cfg: TrainLMConfig, command: str = "sae train-lm") -> dict[str,
         **stats,
         "vocab_size": len(data.tokenizer),
         "parameters": sum(p.numel() for p in model.parameters()),
+        # Wall-clock times mean little on a shared machine without its load next to them.
+        "machine": f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end",
         "samples": {p: greedy_sample(model, data.tokenizer, p) for p in SAMPLE_PROMPTS},
         "corpus": data.corpus,
         "config": {k: v for k, v in to_dict(cfg).items() if k not in ("out", "work_dir")},
