@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import TINY_TEXT
+from tests.conftest import TINY_TEXT, make_tiny_lm_dir
 
 API_KEY = "test-key-0123456789"
 HOOK = "blocks.0.mlp.hook_post"
@@ -39,7 +39,25 @@ def random_relu(model_dir: Path, seed: int, d_sae: int = 128) -> Any:
 
 
 @pytest.fixture(scope="session")
-def dict_dirs(tiny_lm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def served_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny test GPT-2 with an untied unembedding at a trained model's scale (std 1).
+
+    At GPT-2's init scale (std 0.02) every logit is within ~0.6 of every other, the next-token
+    distribution is nearly uniform whatever the residual, and no intervention could move
+    probability measurably; a trained model's unembedding makes steering observable.
+    """
+    from transformers import GPT2LMHeadModel
+
+    path = make_tiny_lm_dir(tmp_path_factory.mktemp("served_lm"))
+    hf = GPT2LMHeadModel.from_pretrained(path)
+    hf.config.tie_word_embeddings = False
+    hf.lm_head.weight = torch.nn.Parameter(hf.transformer.wte.weight.detach().clone() * 50)
+    hf.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def dict_dirs(served_lm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """`mlp0`: analysed (feature store next to it); `bare`: no analysis."""
     from activations.analysis import AnalysisConfig, analyze
     from activations.model import load_model
@@ -53,18 +71,18 @@ def dict_dirs(tiny_lm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         (docs / f"doc{i}.py").write_text(t)
     out = {}
     for name, seed in (("mlp0", 0), ("bare", 1)):
-        d = random_relu(tiny_lm_dir, seed)
+        d = random_relu(served_lm_dir, seed)
         d.save(root / name)
         out[name] = root / name
-    model = load_model(str(tiny_lm_dir))
-    d = random_relu(tiny_lm_dir, 0)
+    model = load_model(str(served_lm_dir))
+    d = random_relu(served_lm_dir, 0)
     arrays = analyze(
         model,
         d,
         TextConfig(dataset=str(docs), context_size=32, batch_size=8),
         AnalysisConfig(n_tokens=1024, n_top=12, context_before=6, context_after=2),
         dictionary_name="mlp0",
-        model_name=str(tiny_lm_dir),
+        model_name=str(served_lm_dir),
         progress=False,
     )
     with FeatureStore.open(out["mlp0"]) as store:
