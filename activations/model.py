@@ -94,12 +94,13 @@ def load_model(
     `bridge.tokenizer` is the Hugging Face tokenizer and `bridge.cfg` has d_model, d_mlp,
     n_layers, n_ctx, d_vocab. A hub name that cannot be fetched raises a one-line UserError.
     """
-    from transformer_lens.model_bridge import TransformerBridge
-
     path = resolve_model_path(name)
     is_local = Path(path).is_dir()
     if not is_local:
-        _check_hub_cache(name)
+        _check_hub_cache(name)  # before the slow TransformerLens import: fail fast offline
+
+    from transformer_lens.model_bridge import TransformerBridge
+
     try:
         bridge = TransformerBridge.boot_transformers(path, device=device, dtype=dtype)
     except OSError as e:

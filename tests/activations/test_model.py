@@ -168,6 +168,19 @@ def test_uncached_hub_name_offline_is_one_clear_line(
     assert str(info.value) == OFFLINE_MESSAGE.format(name=name)
 
 
+def test_cli_reports_an_uncached_hub_model_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sae.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    code = main(["cache", "--model", "gpt2", "--out", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == f"sae cache: error: {OFFLINE_MESSAGE.format(name='gpt2')}\n"
+
+
 # --- sae train-lm: a tiny smoke run, resumed after an interruption ---------------------------
 
 
