@@ -147,40 +147,51 @@ class ExampleSlots:
         """Merge candidates (feature, key, row of the flattened batch) into the slots."""
         if feats.numel() == 0:
             return
-        F, n = self.keys.shape
+        n, W = self.n, self.token_ids.shape[-1]
+        # Only features with candidates are touched: the cost is O(touched x N x W), which
+        # shrinks as the running thresholds rise, instead of O(d_sae x N x W) per batch.
         # Each feature's n best candidates: sort by key desc, then stably by feature.
         order = keys.argsort(descending=True)
         order = order[feats[order].argsort(stable=True)]
         feats, keys, rows = feats[order], keys[order], rows[order]
-        counts = torch.bincount(feats, minlength=F)
+        touched, local, counts = torch.unique_consecutive(
+            feats, return_inverse=True, return_counts=True
+        )
         starts = counts.cumsum(0) - counts
-        rank = torch.arange(feats.numel(), device=feats.device) - starts[feats]
+        rank = torch.arange(feats.numel(), device=feats.device) - starts[local]
         keep = rank < n
-        feats, keys, rows, rank = feats[keep], keys[keep], rows[keep], rank[keep]
-        cand_keys = torch.full_like(self.keys, -1)
-        cand_keys[feats, rank] = keys
-        cand_rows = torch.zeros_like(self.keys)
-        cand_rows[feats, rank] = rows
+        local, keys, rows, rank = local[keep], keys[keep], rows[keep], rank[keep]
+        U = touched.numel()
+        cand_keys = torch.full((U, n), -1, dtype=torch.long, device=keys.device)
+        cand_keys[local, rank] = keys
+        cand_rows = torch.zeros((U, n), dtype=torch.long, device=keys.device)
+        cand_rows[local, rank] = rows
 
         # Keys are unique (empty slots aside), so topk is deterministic.
-        new_keys, src = torch.cat([self.keys, cand_keys], dim=1).topk(n, dim=1)
+        new_keys, src = torch.cat([self.keys[touched], cand_keys], dim=1).topk(n, dim=1)
         old = src.clamp(max=n - 1)
-        W = self.token_ids.shape[-1]
-        self.token_ids = self.token_ids.gather(1, old[..., None].expand(-1, -1, W))
-        self.acts = self.acts.gather(1, old[..., None].expand(-1, -1, W))
-        self.sequence = self.sequence.gather(1, old)
-        self.position = self.position.gather(1, old)
-        self.keys = new_keys
+        tok = self.token_ids[touched].gather(1, old[..., None].expand(-1, -1, W))
+        act = self.acts[touched].gather(1, old[..., None].expand(-1, -1, W))
+        seq = self.sequence[touched].gather(1, old)
+        pos = self.position[touched].gather(1, old)
 
-        f_new, slot_new = ((src >= n) & (new_keys >= 0)).nonzero(as_tuple=True)
-        if f_new.numel():
-            row = cand_rows[f_new, src[f_new, slot_new] - n]
-            tok, act, seq, pos = batch.windows(row, f_new, self.before, self.after)
-            self.token_ids[f_new, slot_new] = tok
-            self.acts[f_new, slot_new] = act
-            self.sequence[f_new, slot_new] = seq
-            self.position[f_new, slot_new] = pos
-        self.sequence[new_keys < 0] = -1
+        u_new, slot_new = ((src >= n) & (new_keys >= 0)).nonzero(as_tuple=True)
+        if u_new.numel():
+            row = cand_rows[u_new, src[u_new, slot_new] - n]
+            w_tok, w_act, w_seq, w_pos = batch.windows(row, touched[u_new], self.before, self.after)
+            tok[u_new, slot_new] = w_tok
+            act[u_new, slot_new] = w_act
+            seq[u_new, slot_new] = w_seq
+            pos[u_new, slot_new] = w_pos
+        empty = new_keys < 0
+        seq[empty] = -1
+        tok[empty] = -1
+        act[empty] = 0.0
+        self.keys[touched] = new_keys
+        self.token_ids[touched] = tok
+        self.acts[touched] = act
+        self.sequence[touched] = seq
+        self.position[touched] = pos
 
 
 class _Batch(NamedTuple):
