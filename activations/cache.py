@@ -479,7 +479,9 @@ def cache_activations(
     T = cfg.text.context_size
     positions = torch.arange(p0, T, dtype=torch.int32)
     buffers = {n: _ShardBuffer(widths[n], shard_tokens) for n in names}
-    writer = _ShardWriter(DTYPES[cfg.dtype], {"model": cfg.model, "dtype": cfg.dtype})
+    # One metadata key only: safetensors keeps metadata in a hash map, so with two keys the
+    # header order (and the bytes of a resumed shard) could differ from run to run.
+    writer = _ShardWriter(DTYPES[cfg.dtype], {"format": FORMAT})
     next_shard = done_shards
     new_rows = 0
     bar = tqdm(total=total, initial=done_rows, unit="tok", unit_scale=True, desc="caching")

@@ -91,9 +91,12 @@ class ActivationCapture:
         self.hook_names = check_hook_names(model, hook_names)
         self._store: dict[str, Tensor] = {}
         self._context: Any = None
+        self._active = False
 
     def _hook_fn(self, name: str):
         def fn(tensor: Tensor, *, hook: Any) -> Tensor:
+            if not self._active:  # another capture (or plain forward) is using the model
+                return tensor
             if isinstance(tensor, tuple):  # some bridged modules hand their output tuple
                 tensor = tensor[0]
             self._store[name] = tensor.detach()
@@ -124,8 +127,12 @@ class ActivationCapture:
         if self._context is None:
             raise RuntimeError("use ActivationCapture inside a `with` block")
         self._store = {}
-        with contextlib.suppress(_StopForward):
-            self.model(tokens, return_type=None)
+        self._active = True
+        try:
+            with contextlib.suppress(_StopForward):
+                self.model(tokens, return_type=None)
+        finally:
+            self._active = False
         missing = [n for n in self.hook_names if n not in self._store]
         if missing:
             raise UserError(f"hook(s) {', '.join(missing)} did not fire in a forward pass")

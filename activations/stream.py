@@ -94,11 +94,13 @@ class StreamedActivations:
             start=first * window_contexts,
         )
         model_device = next(self.model.parameters()).device
-        with ActivationCapture(self.model, [self.hook_name]) as capture:
-            for w in itertools.count(first):
-                group = list(itertools.islice(batches, self.mix_passes))
-                if not group:
-                    return
+        for w in itertools.count(first):
+            group = list(itertools.islice(batches, self.mix_passes))
+            if not group:
+                return
+            # Hooks are attached per window, never across a yield: an abandoned stream must
+            # not leave hooks on a model that others use.
+            with ActivationCapture(self.model, [self.hook_name]) as capture:
                 rows = torch.cat(
                     [
                         capture(b.tokens.to(model_device))[self.hook_name][:, self.p0 :].reshape(
@@ -107,11 +109,9 @@ class StreamedActivations:
                         for b in group
                     ]
                 )
-                perm = np.random.default_rng([self.seed, epoch, self.rank, w]).permutation(
-                    len(rows)
-                )
-                lo = max(start - w * rows_per_window, 0)
-                yield rows[torch.from_numpy(perm[lo:]).to(rows.device)]
+            perm = np.random.default_rng([self.seed, epoch, self.rank, w]).permutation(len(rows))
+            lo = max(start - w * rows_per_window, 0)
+            yield rows[torch.from_numpy(perm[lo:]).to(rows.device)]
 
     def __iter__(self) -> Iterator[Float[Tensor, "B D"]]:
         B = self.batch_size

@@ -147,6 +147,7 @@ def _load_hf(cfg: TextConfig, data_files: list[str] | None = None, builder: str 
     """`datasets.load_dataset` for a hub name (or local dataset folder) or packaged files."""
     import datasets
 
+    where = cfg.dataset
     try:
         if data_files is not None:
             return datasets.load_dataset(
@@ -155,15 +156,15 @@ def _load_hf(cfg: TextConfig, data_files: list[str] | None = None, builder: str 
         return datasets.load_dataset(
             cfg.dataset, cfg.dataset_config, split=cfg.split, streaming=cfg.streaming
         )
-    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise UserError(f"dataset {cfg.dataset!r} not found: {_first_line(e)}") from None
-    except ValueError as e:
-        raise UserError(f"cannot load dataset {cfg.dataset!r}: {_first_line(e)}") from None
+    except datasets.exceptions.DatasetNotFoundError as e:
+        raise UserError(f"dataset {where!r} not found: {_first_line(e)}") from None
     except ConnectionError as e:
         raise UserError(
-            f"dataset {cfg.dataset!r} is not reachable offline and not in the local cache: "
+            f"dataset {where!r} is not reachable offline and not in the local cache: "
             f"{_first_line(e)}"
         ) from None
+    except Exception as e:  # corrupt files, bad configs: datasets raises many kinds
+        raise UserError(f"cannot read dataset {where}: {_first_line(e)}") from None
 
 
 def _rows_of(dataset: Any, cfg: TextConfig, where: str) -> Iterator[Document]:
