@@ -1,0 +1,160 @@
+"""`sae train`: train a dictionary (or a sweep of them) on an activation cache.
+
+    sae train --cache activation_cache --objective.name topk_auxk --objective.k 32
+    sae train --config train.yaml --optim.lr 1e-4            # flags override the file
+    sae train --cache c --sweep objective.l1_coefficient=1,3,10 --sweep dictionary.d_sae=512,1024
+    sae train --config train.yaml --resume                   # continue from the last checkpoint
+    torchrun --nproc_per_node 2 -m sae.cli train ...         # data parallel
+
+Every option comes from `TrainConfig` (training/config.py). The run folder gets the resolved
+config.json, metrics.jsonl, checkpoint/, plots/ and the dictionary (one folder per member).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+from sae.errors import UserError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from sae.dataclass_cli import add_dataclass_args
+    from training.config import TrainConfig
+
+    parser = subparsers.add_parser(
+        "train",
+        help="train sparse dictionaries on cached activations",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML or JSON file of options; flags override it")
+    parser.add_argument("--cache", help="activation cache folder (from `sae cache`)")
+    parser.add_argument("--hook", help="hook to train on, if the cache holds several")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out-dir from its checkpoint"
+    )
+    parser.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="FIELD=V1,V2",
+        help="train one dictionary per value (repeat for a grid), e.g. objective.k=16,32",
+    )
+    parser.add_argument(
+        "--eval-contexts",
+        type=int,
+        default=0,
+        help="measure loss recovered on this many contexts of the cache's text with its model",
+    )
+    add_dataclass_args(parser, TrainConfig)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _load_config(args: argparse.Namespace) -> Any:
+    from sae.dataclass_cli import dataclass_from_args
+    from training.config import TrainConfig
+
+    try:
+        return dataclass_from_args(TrainConfig, args, args.config)
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from activations.reader import CachedActivations
+    from training.sweep import expand_grid, parse_sweep
+    from training.trainer import Trainer
+
+    cfg = _load_config(args)
+    if not args.cache:
+        raise UserError("--cache is required: the activation cache folder to train on")
+    try:
+        grid = parse_sweep(args.sweep)
+        members = expand_grid(cfg, grid)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+    probe = CachedActivations(args.cache, args.hook, batch_size=cfg.batch_size)
+    epochs = max(1, math.ceil(cfg.total_tokens / max(1, probe.rows_per_epoch())))
+    # Every process reads the whole global batch and trains on its share (training/distributed.py).
+    reader = CachedActivations(
+        args.cache, args.hook, batch_size=cfg.batch_size, seed=cfg.seed, epochs=epochs
+    )
+    model_name = _cache_model(Path(args.cache))
+    for _, c in members:
+        c.dictionary.hook_name = c.dictionary.hook_name or reader.hook_name
+        c.dictionary.model_name = c.dictionary.model_name or model_name
+
+    evaluator = None
+    if args.eval_contexts > 0:
+        evaluator = _lm_evaluator(Path(args.cache), reader.hook_name, args.eval_contexts)
+
+    trainer = Trainer(
+        [c for _, c in members],
+        reader.d_in,
+        names=[n for n, _ in members],
+        evaluator=evaluator,
+        resume=args.resume,
+    )
+    result = trainer.fit(reader)
+    if result.interrupted:
+        print(f"interrupted at step {result.steps}; continue with the same command plus --resume")
+        return 130
+    for name, path in result.paths.items():
+        m = result.metrics.get(name, {})
+        summary = ", ".join(
+            f"{k} {m[k]:.4g}"
+            for k in ("fvu", "l0", "dead_fraction", "eval/loss_recovered")
+            if k in m
+        )
+        print(f"{name}: {path} ({summary})")
+    print(f"trained {result.tokens} tokens in {result.steps} steps; run folder {result.out_dir}")
+    return 0
+
+
+def _cache_model(cache: Path) -> str | None:
+    import json
+
+    cfg = cache / "cache_config.json"
+    if not cfg.is_file():
+        cfg = cache.parent / "cache_config.json"
+    if not cfg.is_file():
+        return None
+    return json.loads(cfg.read_text()).get("model")
+
+
+def _lm_evaluator(cache: Path, hook_name: str, n_contexts: int) -> Any:
+    """Loss recovered with the cache's model on the first contexts of the cache's text."""
+    import copy
+    import itertools
+    import json
+
+    import torch
+
+    from activations.model import load_model
+    from activations.text import TextConfig, iter_contexts
+    from sae.dataclass_cli import from_dict
+    from training.evals import loss_recovered
+
+    cfg_path = cache / "cache_config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"--eval-contexts needs {cfg_path} to know the model and text")
+    cache_cfg = json.loads(cfg_path.read_text())
+    model = load_model(cache_cfg["model"])
+    text_cfg = from_dict(TextConfig, cache_cfg["text"])
+    contexts = list(itertools.islice(iter_contexts(text_cfg, model.tokenizer), n_contexts))
+    if not contexts:
+        raise UserError("the cache's text yielded no contexts for the loss-recovered eval")
+    tokens = torch.tensor(contexts, dtype=torch.long)
+
+    def evaluate(dictionary: Any, scale: float) -> dict[str, float]:
+        # A copy on the model's device: the live dictionary may be training on another device.
+        d = copy.deepcopy(dictionary).to(tokens.device)
+        r = loss_recovered(model, d, hook_name, tokens, input_scale=scale)
+        return {k: float(v) for k, v in r.__dict__.items()}
+
+    return evaluate

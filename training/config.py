@@ -1,0 +1,263 @@
+"""Typed training configuration: one dataclass per concern, a docstring under each field.
+
+The `sae train` flags are generated from these classes (sae/dataclass_cli.py), so this file is
+the single source of truth for every option, its default and its help text. `__post_init__`
+only validates; values that depend on the data (d_sae from an expansion factor, resampling
+points from the run length) are resolved by the small `resolved_*` helpers below.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from training.objectives import OBJECTIVES
+
+if TYPE_CHECKING:
+    ObjectiveName = str
+else:
+    # Choices come from the objective registry, never a hand-copied list (DESIGN.md).
+    ObjectiveName = Literal[tuple(sorted(OBJECTIVES))]
+
+
+@dataclass
+class DictionaryShape:
+    """What dictionary is trained: its size and how it is initialised from the data."""
+
+    d_sae: int | None = None
+    """Number of dictionary features; give this or expansion_factor (default 8 x d_in)."""
+    expansion_factor: float | None = None
+    """d_sae as a multiple of d_in (used when d_sae is not given)."""
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    """Initial decoder bias: geometric median of a sample (Towards Monosemanticity), its mean, or 0."""
+    normalize_inputs: bool = True
+    """Scale inputs so their mean squared norm is d_in (scale folded into the saved weights)."""
+    init_tokens: int = 8192
+    """Tokens read at the start to estimate the input scale and initialise b_dec."""
+    hook_name: str | None = None
+    """Hook the activations came from (recorded in the saved dictionary's cfg.json)."""
+    model_name: str | None = None
+    """Language model the activations came from (recorded in cfg.json)."""
+
+    def __post_init__(self) -> None:
+        if self.d_sae is not None and self.expansion_factor is not None:
+            raise ValueError("give d_sae or expansion_factor, not both")
+        if self.d_sae is not None and self.d_sae < 1:
+            raise ValueError(f"d_sae must be >= 1, got {self.d_sae}")
+        if self.expansion_factor is not None and self.expansion_factor <= 0:
+            raise ValueError(f"expansion_factor must be > 0, got {self.expansion_factor}")
+        if self.init_tokens < 1:
+            raise ValueError("init_tokens must be >= 1")
+
+    def resolved_d_sae(self, d_in: int) -> int:
+        if self.d_sae is not None:
+            return self.d_sae
+        return max(1, round((self.expansion_factor or 8.0) * d_in))
+
+
+@dataclass
+class ObjectiveConfig:
+    """The training objective (loss, constraints, how the dictionary is saved)."""
+
+    name: ObjectiveName = "relu_l1"
+    """relu_l1 (2023), relu_l1_2024 (April 2024 update), topk_auxk, batchtopk, jumprelu."""
+    l1_coefficient: float = 5.0
+    """Sparsity penalty weight: L1 for the relu objectives, L0 for jumprelu."""
+    l1_warmup_fraction: float = 0.05
+    """The sparsity penalty ramps linearly from 0 over this fraction of training."""
+    target_l0: float | None = None
+    """If set (relu/jumprelu), steer l1_coefficient during training toward this mean L0."""
+    target_l0_rate: float = 0.01
+    """Step size of the target-L0 controller in log(l1_coefficient) per step per log-ratio."""
+    k: int = 32
+    """Active features per token (topk) or mean active features per token (batchtopk)."""
+    auxk_coefficient: float = 1 / 32
+    """Weight of the AuxK loss on dead latents (Gao et al. 2024); 0 disables it."""
+    auxk_k: int | None = None
+    """Dead latents used by AuxK per token (default d_in // 2, as Gao et al.)."""
+    dead_tokens: int = 10_000_000
+    """A latent that has not fired for this many tokens is dead for AuxK (Gao et al.: 10M)."""
+    threshold_lr: float = 0.01
+    """batchtopk: moving-average rate of the inference threshold estimate."""
+    jumprelu_bandwidth: float = 0.001
+    """jumprelu: width of the straight-through rectangle kernel (Rajamanoharan et al.)."""
+    jumprelu_init_threshold: float = 0.001
+    """jumprelu: initial threshold of every feature."""
+    decoder_init_norm: float = 0.1
+    """relu_l1_2024: initial decoder row norm (Anthropic April 2024 update uses 0.1)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.name!r}; known: {', '.join(OBJECTIVES)}")
+        if self.l1_coefficient < 0:
+            raise ValueError("l1_coefficient must be >= 0")
+        if not 0 <= self.l1_warmup_fraction <= 1:
+            raise ValueError("l1_warmup_fraction must be in [0, 1]")
+        if self.target_l0 is not None and self.target_l0 <= 0:
+            raise ValueError("target_l0 must be > 0")
+        if self.k < 1:
+            raise ValueError("k must be >= 1")
+        if self.jumprelu_bandwidth <= 0:
+            raise ValueError("jumprelu_bandwidth must be > 0")
+
+
+@dataclass
+class OptimConfig:
+    """Adam with linear warm-up, optional decay, and gradient clipping."""
+
+    lr: float = 4e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    warmup_steps: int = 100
+    """Linear learning-rate warm-up from 0 over this many steps."""
+    decay: Literal["none", "linear", "cosine"] = "linear"
+    """Learning-rate decay after decay_start_fraction of training."""
+    decay_start_fraction: float = 0.8
+    """Decay starts at this fraction of training (Anthropic April 2024: the last 20%)."""
+    min_lr_fraction: float = 0.0
+    """Learning rate at the end of decay, as a fraction of lr."""
+    grad_clip_norm: float | None = 1.0
+    """Clip the global gradient norm to this value (None: no clipping)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError("lr must be > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.warmup_steps < 0:
+            raise ValueError("warmup_steps must be >= 0")
+        if not 0 <= self.decay_start_fraction <= 1 or not 0 <= self.min_lr_fraction <= 1:
+            raise ValueError("decay_start_fraction and min_lr_fraction must be in [0, 1]")
+        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
+            raise ValueError("grad_clip_norm must be > 0 (or None)")
+
+
+@dataclass
+class ResampleConfig:
+    """Dead-feature resampling exactly as in Towards Monosemanticity (Bricken et al. 2023)."""
+
+    enabled: bool | None = None
+    """Resample dead features (default: on for the L1 objectives, off for the others)."""
+    every_tokens: int | None = None
+    """Resample at every multiple of this many tokens (default: 4 times in the first half)."""
+    window_tokens: int | None = None
+    """A feature is dead if it has not fired for this many tokens (default every_tokens)."""
+    stop_fraction: float = 0.5
+    """No resampling after this fraction of training, so revived features can settle."""
+    pool_batches: int = 4
+    """Recent batches kept as candidate replacement inputs."""
+    encoder_scale: float = 0.2
+    """New encoder rows get this times the mean encoder norm of alive features."""
+
+    def __post_init__(self) -> None:
+        if self.every_tokens is not None and self.every_tokens < 1:
+            raise ValueError("every_tokens must be >= 1")
+        if self.window_tokens is not None and self.window_tokens < 1:
+            raise ValueError("window_tokens must be >= 1")
+        if not 0 <= self.stop_fraction <= 1:
+            raise ValueError("stop_fraction must be in [0, 1]")
+        if self.pool_batches < 1:
+            raise ValueError("pool_batches must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    """Where numbers go: metrics.jsonl always, W&B when enabled, PNG plots at the end."""
+
+    log_every_steps: int = 50
+    """Write training metrics every this many steps."""
+    density_window_tokens: int = 1_000_000
+    """Feature density (dead/dense fractions, histogram) is measured over windows this long."""
+    dense_threshold: float = 0.1
+    """A feature firing on more than this fraction of tokens counts as dense."""
+    eval_every_steps: int = 0
+    """Run the extra evals (e.g. loss recovered with the LM) every this many steps; 0 = end only."""
+    wandb: bool = False
+    """Log to Weights & Biases (set WANDB_MODE=offline to log with no account)."""
+    wandb_project: str = "sae"
+    """W&B project name."""
+    plots: bool = True
+    """Draw loss, L0 and density-histogram PNGs in the run folder at the end."""
+    progress: bool = True
+    """Show a tqdm progress bar with the key numbers."""
+
+    def __post_init__(self) -> None:
+        if self.log_every_steps < 1 or self.density_window_tokens < 1:
+            raise ValueError("log_every_steps and density_window_tokens must be >= 1")
+        if self.eval_every_steps < 0:
+            raise ValueError("eval_every_steps must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """One training run (or, in a sweep, one member; run-level fields must then agree)."""
+
+    total_tokens: int = 10_000_000
+    """Stop after this many training tokens (or when the data ends)."""
+    batch_size: int = 4096
+    """Tokens per optimizer step (the global batch; split across processes under torchrun)."""
+    out_dir: Path = Path("runs/sae")
+    """Run folder: config.json, metrics.jsonl, checkpoint/, the dictionary, plots."""
+    seed: int = 0
+    """Seed of the dictionary initialisation and of resampling draws."""
+    device: str = "auto"
+    """cuda, cuda:1, mps, cpu, or auto (cuda > mps > cpu)."""
+    autocast: Literal["none", "bf16"] = "none"
+    """Run the forward pass under bf16 autocast (weights and optimizer stay float32)."""
+    compile: bool = False
+    """torch.compile the dictionary's forward pass."""
+    checkpoint_every_steps: int = 1000
+    """Save the training state every this many steps (0: only at the end and on a signal)."""
+    dictionary: DictionaryShape = field(default_factory=DictionaryShape)
+    """Dictionary size and initialisation."""
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """Training objective."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedules."""
+    resample: ResampleConfig = field(default_factory=ResampleConfig)
+    """Dead-feature resampling."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics, W&B, plots, progress bar."""
+
+    def __post_init__(self) -> None:
+        if self.total_tokens < 1 or self.batch_size < 1:
+            raise ValueError("total_tokens and batch_size must be >= 1")
+        if self.checkpoint_every_steps < 0:
+            raise ValueError("checkpoint_every_steps must be >= 0")
+
+    @property
+    def total_steps(self) -> int:
+        return math.ceil(self.total_tokens / self.batch_size)
+
+    def resample_enabled(self) -> bool:
+        if self.resample.enabled is not None:
+            return self.resample.enabled
+        return OBJECTIVES[self.objective.name].sparsity_penalty == "l1"
+
+    def resample_every_tokens(self) -> int:
+        # Towards Monosemanticity resampled 4 times, early; by default we do the same,
+        # spread evenly over the first stop_fraction of training.
+        if self.resample.every_tokens is not None:
+            return self.resample.every_tokens
+        return max(1, int(self.total_tokens * self.resample.stop_fraction / 4))
+
+    def resample_window_tokens(self) -> int:
+        return self.resample.window_tokens or self.resample_every_tokens()
+
+
+RUN_LEVEL_FIELDS = (
+    "total_tokens",
+    "batch_size",
+    "out_dir",
+    "device",
+    "autocast",
+    "compile",
+    "checkpoint_every_steps",
+    "logging",
+)
+"""Fields every member of a sweep must share: they describe the one pass over the data."""

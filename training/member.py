@@ -1,0 +1,208 @@
+"""One dictionary in training: its module, objective, optimizer, schedules and counters.
+
+A run trains one or more members on the same batches (a sweep reads the activations once);
+the trainer owns the data, the loop, checkpoints and logging, and calls the named steps here.
+Each member draws its initial weights and resampling choices from its own CPU generator seeded
+by its config, so a member trains identically alone or in a sweep, on any device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sae.base import Dictionary, build
+from training.config import TrainConfig
+from training.distributed import DistInfo, all_reduce_, average_gradients
+from training.evals import DensityTracker, batch_metrics
+from training.initialization import geometric_median
+from training.objectives import OBJECTIVES, StepContext
+from training.resampling import FiringTracker, resample_dead_features
+from training.schedules import L0Controller, lr_factor, sparsity_warmup_factor
+
+logger = logging.getLogger(__name__)
+
+
+class Member:
+    def __init__(
+        self, name: str, cfg: TrainConfig, d_in: int, device: torch.device, dist: DistInfo
+    ) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.dist = dist
+        self.device = device
+        d_sae = cfg.dictionary.resolved_d_sae(d_in)
+        self.objective = OBJECTIVES[cfg.objective.name](cfg.objective, d_in, d_sae)
+        dcfg = self.objective.dictionary_config(d_in, d_sae)
+        dcfg.hook_name = cfg.dictionary.hook_name
+        dcfg.model_name = cfg.dictionary.model_name
+        self.dictionary: Dictionary = build(dcfg).to(device)
+        # The compiled module shares parameters with `dictionary`; objectives call it for the
+        # forward pass, constraints and saving use the plain module.
+        self.forward_module: Any = (
+            torch.compile(self.dictionary) if cfg.compile else self.dictionary
+        )
+        self.params = [p for p in self.dictionary.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(
+            self.params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps
+        )
+        self.firing = FiringTracker(d_sae, device)
+        self.density = DensityTracker(d_sae, device, cfg.logging.density_window_tokens)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.coefficient = cfg.objective.l1_coefficient
+        self.scale = 1.0
+        self.n_resampled = 0
+
+    # -- start ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def initialize(self, sample: Tensor, input_scale: float) -> None:
+        """Weights from the member's generator; b_dec from the (scaled) sample."""
+        self.scale = input_scale if self.cfg.dictionary.normalize_inputs else 1.0
+        self.objective.init_weights(self.dictionary, self.generator)
+        x = sample.to(self.device, torch.float32) * self.scale
+        how = self.cfg.dictionary.b_dec_init
+        if how == "geometric_median":
+            self.dictionary.b_dec.copy_(geometric_median(x))
+        elif how == "mean":
+            self.dictionary.b_dec.copy_(x.mean(0))
+        else:
+            self.dictionary.b_dec.zero_()
+
+    # -- one step ------------------------------------------------------------------------------
+    def sparsity_coefficient(self, step: int) -> float:
+        warm = sparsity_warmup_factor(
+            step, self.cfg.total_steps, self.cfg.objective.l1_warmup_fraction
+        )
+        return self.coefficient * warm
+
+    def train_step(
+        self, x: Tensor, step: int, global_tokens: int, want_metrics: bool
+    ) -> dict[str, Tensor | float]:
+        """Forward, backward, all-reduce, constrain, clip, Adam step, counters."""
+        cfg = self.cfg
+        if self.scale != 1.0:
+            x = x * self.scale
+        lr = cfg.optim.lr * lr_factor(step, cfg.total_steps, cfg.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        coef = self.sparsity_coefficient(step)
+        ctx = StepContext(coef, self.firing.tokens_since_fired)
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if cfg.autocast == "bf16"
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            res = self.objective.loss(self.forward_module, x, ctx)
+        self.optimizer.zero_grad(set_to_none=True)
+        res.loss.backward()
+        average_gradients(self.params, self.dist)
+        self.objective.before_optimizer_step(self.dictionary)
+        grad_norm = None
+        if cfg.optim.grad_clip_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip_norm)
+        self.optimizer.step()
+        self.objective.after_optimizer_step(self.dictionary, res.out)
+
+        f = res.out.feature_acts.detach()
+        fired = all_reduce_((f != 0).sum(0).float(), self.dist)
+        self.firing.update(fired > 0, global_tokens)
+        self.density.update(fired, global_tokens)
+        self._steer(step, f)
+        if not want_metrics:
+            return {}
+        metrics: dict[str, Tensor | float] = {"loss": res.loss.detach(), "lr": lr, "coef": coef}
+        metrics.update({f"loss/{k}": v for k, v in res.parts.items()})
+        metrics.update(batch_metrics(x, res.out.x_hat.detach(), f))
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm.detach()
+        return metrics
+
+    def _steer(self, step: int, f: Tensor) -> None:
+        """Target-L0 controller, after the sparsity warm-up (its ramp would fool it)."""
+        target = self.cfg.objective.target_l0
+        if target is None or self.objective.sparsity_penalty == "none":
+            return
+        if (
+            sparsity_warmup_factor(
+                step, self.cfg.total_steps, self.cfg.objective.l1_warmup_fraction
+            )
+            < 1
+        ):
+            return
+        l0 = all_reduce_((f != 0).float().sum(-1).mean().reshape(1), self.dist)
+        controller = L0Controller(target, self.cfg.objective.target_l0_rate, self.coefficient)
+        self.coefficient = controller.update(float(l0) / self.dist.world_size)
+
+    # -- resampling ----------------------------------------------------------------------------
+    def maybe_resample(self, tokens_before: int, tokens_after: int, pool: list[Tensor]) -> int:
+        """Resample dead features if a scheduled point was crossed this step; returns count."""
+        cfg = self.cfg
+        if not cfg.resample_enabled() or not pool:
+            return 0
+        every = cfg.resample_every_tokens()
+        if tokens_after // every == tokens_before // every:
+            return 0
+        if tokens_after > cfg.resample.stop_fraction * cfg.total_tokens:
+            return 0
+        dead = self.firing.dead(cfg.resample_window_tokens())
+        inputs = torch.cat(pool).to(self.device, torch.float32) * self.scale
+        ids = resample_dead_features(
+            self.dictionary,
+            self.optimizer,
+            dead,
+            inputs,
+            self.generator,
+            encoder_scale=cfg.resample.encoder_scale,
+        )
+        # A revived feature gets a full window before it can be judged dead again.
+        self.firing.tokens_since_fired[ids] = 0
+        self.n_resampled += int(ids.numel())
+        return int(ids.numel())
+
+    # -- end -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def final_dictionary(self, tokens: int) -> Dictionary:
+        """A copy in the saved form: objective-specific folding, then the input scale folded."""
+        d = self.objective.finalize(copy.deepcopy(self.dictionary))
+        if self.scale != 1.0:
+            d.fold_input_scale(self.scale)
+        d.cfg.provenance = {
+            **d.cfg.provenance,
+            "objective": self.cfg.objective.name,
+            "tokens": tokens,
+            "l1_coefficient": self.coefficient,
+            "seed": self.cfg.seed,
+            "resampled_features": self.n_resampled,
+        }
+        return d
+
+    # -- checkpoint ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "dictionary": self.dictionary.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "firing": self.firing.state_dict(),
+            "density": self.density.state_dict(),
+            "generator": self.generator.get_state(),
+            "coefficient": self.coefficient,
+            "scale": self.scale,
+            "n_resampled": self.n_resampled,
+            "objective": self.objective.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dictionary.load_state_dict(state["dictionary"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.firing.load_state_dict(state["firing"])
+        self.density.load_state_dict(state["density"])
+        self.generator.set_state(state["generator"])
+        self.coefficient = float(state["coefficient"])
+        self.scale = float(state["scale"])
+        self.n_resampled = int(state["n_resampled"])
+        self.objective.load_state_dict(state["objective"])

@@ -1,0 +1,125 @@
+"""Where training numbers go: `metrics.jsonl` in the run folder always, W&B when enabled.
+
+metrics.jsonl is append-only, one JSON object per line ({"step", "tokens", "member", ...});
+a crash can leave at most one partial last line, which `read_metrics` skips. On resume the
+lines past the checkpoint are dropped (rewritten atomically), so the file matches an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae.atomic import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def to_float(v: Any) -> float:
+    if isinstance(v, torch.Tensor):
+        return float(v.detach().float().item())
+    return float(v)
+
+
+def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
+    path = Path(out_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a partial last line from a crash
+    return rows
+
+
+def truncate_metrics(out_dir: Path, last_step: int) -> None:
+    """Keep only rows up to `last_step` (used when resuming from a checkpoint)."""
+    rows = [r for r in read_metrics(out_dir) if r.get("step", 0) <= last_step]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    atomic_write_text(Path(out_dir) / METRICS_FILE, text)
+
+
+class MetricsLogger:
+    """Writes rows to metrics.jsonl and, if enabled, to a W&B run (offline mode works)."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        enabled: bool = True,
+        wandb_project: str | None = None,
+        config: dict[str, Any] | None = None,
+        resume: bool = False,
+    ) -> None:
+        self.enabled = enabled
+        self.path = Path(out_dir) / METRICS_FILE
+        self._fh = None
+        self._wandb: Any = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a" if resume else "w")  # noqa: SIM115 (closed in close())
+        if wandb_project is not None:
+            import wandb
+
+            mode = os.environ.get("WANDB_MODE", "online")
+            self._wandb = wandb.init(
+                project=wandb_project,
+                dir=str(out_dir),
+                config=config or {},
+                mode=mode,  # type: ignore[arg-type]
+                resume="allow" if resume else None,
+                id=_wandb_id(out_dir, resume),
+            )
+            logger.info("W&B run %s (mode %s)", self._wandb.id, mode)
+
+    def log(self, row: dict[str, Any], member: str, multi: bool) -> None:
+        if not self.enabled or self._fh is None:
+            return
+        clean = {k: (to_float(v) if not isinstance(v, str) else v) for k, v in row.items()}
+        clean = {k: v for k, v in clean.items() if not (isinstance(v, float) and math.isnan(v))}
+        self._fh.write(json.dumps({**clean, "member": member}) + "\n")
+        self._fh.flush()
+        if self._wandb is not None:
+            prefix = f"{member}/" if multi else ""
+            data = {f"{prefix}{k}": v for k, v in clean.items() if k not in ("step",)}
+            self._wandb.log(data, step=int(clean["step"]))
+
+    def log_histogram(self, member: str, values: torch.Tensor, step: int, multi: bool) -> None:
+        if self._wandb is None:
+            return
+        import wandb
+
+        prefix = f"{member}/" if multi else ""
+        log10 = torch.log10(values.clamp_min(1e-10)).tolist()
+        self._wandb.log({f"{prefix}log10_feature_density": wandb.Histogram(log10)}, step=step)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _wandb_id(out_dir: Path, resume: bool) -> str:
+    """A stable run id stored in the run folder, so a resumed run continues the same W&B run."""
+    import secrets
+
+    path = Path(out_dir) / "wandb_id.txt"
+    if resume and path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    atomic_write_text(path, run_id)
+    return run_id

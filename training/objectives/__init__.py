@@ -1,0 +1,12 @@
+"""Training objectives, one small registered file each; importing this package registers them."""
+
+from training.objectives import batchtopk, jumprelu, relu_l1, relu_l1_2024, topk_auxk  # noqa: F401
+from training.objectives.base import (
+    OBJECTIVES,
+    LossOutput,
+    Objective,
+    StepContext,
+    register_objective,
+)
+
+__all__ = ["OBJECTIVES", "LossOutput", "Objective", "StepContext", "register_objective"]

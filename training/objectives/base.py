@@ -1,0 +1,145 @@
+"""What a training objective is: the loss, the weight constraints around the optimizer step,
+the initialisation, and how the trained module becomes the saved dictionary.
+
+One small file per objective, registered by name with `@register_objective`; the trainer
+never branches on the objective's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from sae.base import Dictionary, DictionaryConfig, ForwardOutput
+
+if TYPE_CHECKING:
+    from training.config import ObjectiveConfig
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register_objective(name: str):
+    """Class decorator: make an objective selectable as `objective.name`."""
+
+    def deco(cls: type[Objective]) -> type[Objective]:
+        if name in OBJECTIVES:
+            raise ValueError(f"objective {name!r} registered twice")
+        cls.name = name
+        OBJECTIVES[name] = cls
+        return cls
+
+    return deco
+
+
+class LossOutput(NamedTuple):
+    """One forward pass of the objective."""
+
+    loss: Tensor
+    """Scalar to minimise."""
+    out: ForwardOutput
+    """The dictionary's reconstruction, codes and pre-activations."""
+    parts: dict[str, Tensor]
+    """Detached named components for logging (e.g. mse, l1, auxk)."""
+
+
+@dataclass
+class StepContext:
+    """Per-step facts the trainer owns and objectives read."""
+
+    sparsity_coefficient: float
+    """Current sparsity weight (after warm-up and the target-L0 controller)."""
+    tokens_since_fired: Tensor
+    """[F] tokens since each feature last fired (dead-latent detection for AuxK)."""
+
+
+def sse(x: Float[Tensor, "B D"], x_hat: Float[Tensor, "B D"]) -> Tensor:
+    """Squared reconstruction error summed over D, mean over the batch (Anthropic's form)."""
+    return (x_hat - x).pow(2).sum(-1).mean()
+
+
+def fvu(x: Float[Tensor, "B D"], x_hat: Float[Tensor, "B D"]) -> Tensor:
+    """Fraction of variance unexplained in the batch (the scale-free loss of sparsify)."""
+    total = (x - x.mean(0)).pow(2).sum()
+    return (x_hat - x).pow(2).sum() / total.clamp_min(1e-12)
+
+
+@torch.no_grad()
+def normalize_decoder_rows_(d: Dictionary) -> None:
+    d.W_dec.div_(d.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+@torch.no_grad()
+def remove_parallel_grad_(d: Dictionary) -> None:
+    """Project out the gradient component along each decoder row (rows stay unit norm to first
+    order; Towards Monosemanticity, Gao et al. 2024)."""
+    if d.W_dec.grad is None:
+        return
+    rows = d.W_dec / d.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    parallel = (d.W_dec.grad * rows).sum(-1, keepdim=True)
+    d.W_dec.grad.sub_(parallel * rows)
+
+
+class Objective:
+    """Base class; subclasses set the class attributes and override `loss`."""
+
+    name: ClassVar[str] = ""
+    architecture: ClassVar[str] = "relu"
+    """Registered sae architecture built for training."""
+    sparsity_penalty: ClassVar[Literal["l1", "l0", "none"]] = "none"
+    """Which penalty l1_coefficient weighs (decides target-L0 steering and resampling default)."""
+    unit_norm_decoder: ClassVar[bool] = True
+    """Keep decoder rows at unit norm (and remove the gradient parallel to them)."""
+    apply_b_dec_to_input: ClassVar[bool] = True
+    """Subtract b_dec from inputs before encoding."""
+
+    def __init__(self, cfg: ObjectiveConfig, d_in: int, d_sae: int) -> None:
+        self.cfg = cfg
+        self.d_in = d_in
+        self.d_sae = d_sae
+
+    def dictionary_config(self, d_in: int, d_sae: int) -> DictionaryConfig:
+        return DictionaryConfig(
+            architecture=self.architecture,
+            d_in=d_in,
+            d_sae=d_sae,
+            k=self.cfg.k if self.architecture in ("topk", "batchtopk") else None,
+            apply_b_dec_to_input=self.apply_b_dec_to_input,
+        )
+
+    @torch.no_grad()
+    def init_weights(self, d: Dictionary, gen: torch.Generator) -> None:
+        """Random decoder rows of norm `decoder_row_norm`, W_enc = W_dec^T, b_enc = 0."""
+        w = torch.randn(d.d_sae, d.d_in, generator=gen, device=gen.device)
+        w = w / w.norm(dim=-1, keepdim=True) * self.decoder_row_norm()
+        d.W_dec.copy_(w)
+        d.W_enc.copy_(w.T)
+        d.b_enc.zero_()
+
+    def decoder_row_norm(self) -> float:
+        return 1.0
+
+    def loss(self, d: Dictionary, x: Float[Tensor, "B D"], ctx: StepContext) -> LossOutput:
+        raise NotImplementedError
+
+    def before_optimizer_step(self, d: Dictionary) -> None:
+        """Called after gradients are final (all-reduced, before clipping)."""
+        if self.unit_norm_decoder:
+            remove_parallel_grad_(d)
+
+    def after_optimizer_step(self, d: Dictionary, out: ForwardOutput) -> None:
+        if self.unit_norm_decoder:
+            normalize_decoder_rows_(d)
+
+    def finalize(self, d: Dictionary) -> Dictionary:
+        """The module to save (still in the scaled input space; the trainer folds the scale)."""
+        return d
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,28 @@
+"""ReLU + L1, the 2023 form (Bricken et al., "Towards Monosemanticity").
+
+loss = ||x - x_hat||^2 + l1 * sum_i |f_i|, with decoder rows held at unit norm (renormalised
+after each step, the gradient parallel to each row removed before it) so the L1 penalty cannot
+be dodged by shrinking codes and growing rows.
+"""
+
+from __future__ import annotations
+
+from jaxtyping import Float
+from torch import Tensor
+
+from sae.base import Dictionary
+from training.objectives.base import LossOutput, Objective, StepContext, register_objective, sse
+
+
+@register_objective("relu_l1")
+class ReluL1(Objective):
+    architecture = "relu"
+    sparsity_penalty = "l1"
+    unit_norm_decoder = True
+
+    def loss(self, d: Dictionary, x: Float[Tensor, "B D"], ctx: StepContext) -> LossOutput:
+        out = d(x)
+        mse = sse(x, out.x_hat)
+        l1 = out.feature_acts.abs().sum(-1).mean()
+        loss = mse + ctx.sparsity_coefficient * l1
+        return LossOutput(loss, out, {"recon": mse.detach(), "l1": l1.detach()})

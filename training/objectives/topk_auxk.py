@@ -1,0 +1,59 @@
+"""TopK + AuxK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+loss = FVU(x, x_hat) + alpha * FVU(e, e_hat), where e = x - x_hat (detached) is the residual
+and e_hat decodes it from the top `auxk_k` pre-activations among *dead* latents only (not
+fired for `dead_tokens` tokens). AuxK gives dead latents a gradient toward what the live ones
+miss; it is scaled down while fewer latents are dead than auxk_k (as sparsify does).
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from sae.base import Dictionary, ForwardOutput
+from training.objectives.base import LossOutput, Objective, StepContext, fvu, register_objective
+
+
+def auxk_loss(
+    d: Dictionary,
+    x: Float[Tensor, "B D"],
+    out: ForwardOutput,
+    dead: Tensor,
+    auxk_k: int,
+) -> Tensor:
+    """FVU of the residual reconstructed from the top-`auxk_k` dead latents (0 if none dead)."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return x.new_zeros(())
+    k_aux = min(auxk_k, n_dead)
+    residual = (x - out.x_hat).detach()
+    masked = torch.where(dead, out.pre_acts, torch.full_like(out.pre_acts, -torch.inf))
+    acts, idx = masked.topk(k_aux, dim=-1, sorted=False)
+    acts = torch.relu(acts)
+    e_hat = d.decode_sparse(acts, idx) - d.b_dec
+    scale = min(n_dead / auxk_k, 1.0)
+    return scale * fvu(residual, e_hat)
+
+
+@register_objective("topk_auxk")
+class TopKAuxK(Objective):
+    architecture = "topk"
+    sparsity_penalty = "none"
+    unit_norm_decoder = True
+
+    def auxk_k(self) -> int:
+        return self.cfg.auxk_k or max(1, self.d_in // 2)
+
+    def loss(self, d: Dictionary, x: Float[Tensor, "B D"], ctx: StepContext) -> LossOutput:
+        out = d(x)
+        main = fvu(x, out.x_hat)
+        parts = {"fvu": main.detach()}
+        loss = main
+        if self.cfg.auxk_coefficient > 0:
+            dead = ctx.tokens_since_fired >= self.cfg.dead_tokens
+            aux = auxk_loss(d, x, out, dead, self.auxk_k())
+            loss = loss + self.cfg.auxk_coefficient * aux
+            parts["auxk"] = aux.detach()
+        return LossOutput(loss, out, parts)

@@ -1,0 +1,440 @@
+"""The training loop: batches in, dictionaries out.
+
+    trainer = Trainer(TrainConfig(...), d_in=768)
+    result = trainer.fit(batches)          # any Iterable[Tensor[batch, d_in]]
+    result.dictionaries["dictionary"]      # saved in result.out_dir / "dictionary"
+
+`fit` reads like SAELens's SAETrainer.fit: next batch, train step (every member of a sweep
+on the same batch), log, maybe resample, maybe evaluate, maybe checkpoint. The data source is
+only iterated; if it has `state_dict()`/`load_state_dict()` (the activation cache reader
+does), a checkpoint records its position, so `resume=True` continues with exactly the batches
+an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sae.atomic import atomic_write_json
+from sae.base import Dictionary
+from sae.dataclass_cli import to_dict
+from sae.errors import UserError
+from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.config import RUN_LEVEL_FIELDS, TrainConfig
+from training.distributed import DistInfo, all_reduce_, init_from_env, shard
+from training.evals import density_summary
+from training.initialization import input_scale
+from training.member import Member
+from training.metrics import MetricsLogger, to_float, truncate_metrics
+
+logger = logging.getLogger(__name__)
+
+Evaluator = Callable[[Dictionary, float], dict[str, float]]
+"""Extra eval run on a dictionary and its input scale (e.g. loss recovered with the LM)."""
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    out_dir: Path
+    dictionaries: dict[str, Dictionary]
+    """Final dictionaries (input scale folded, saved form), by member name."""
+    paths: dict[str, Path]
+    """Where each dictionary was saved (empty on non-main processes and when interrupted)."""
+    steps: int
+    tokens: int
+    interrupted: bool
+    """True if a signal stopped the run (a checkpoint was written; resume to continue)."""
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Last logged metrics of each member."""
+
+    @property
+    def dictionary(self) -> Dictionary:
+        """The only dictionary of a single-member run."""
+        if len(self.dictionaries) != 1:
+            raise ValueError(f"{len(self.dictionaries)} dictionaries; index .dictionaries")
+        return next(iter(self.dictionaries.values()))
+
+
+def resolve_device(name: str, dist: DistInfo) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("device cuda requested but no CUDA device is available")
+        if device.index is None:
+            device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device mps requested but MPS is not available")
+    return device
+
+
+def check_sweep(cfgs: Sequence[TrainConfig]) -> None:
+    """Members of one pass must agree on everything that describes the pass itself."""
+    for c in cfgs[1:]:
+        for name in RUN_LEVEL_FIELDS:
+            if getattr(c, name) != getattr(cfgs[0], name):
+                raise UserError(f"sweep members differ in run-level option {name!r}")
+        if c.dictionary.init_tokens != cfgs[0].dictionary.init_tokens:
+            raise UserError("sweep members differ in run-level option 'dictionary.init_tokens'")
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig | Sequence[TrainConfig],
+        d_in: int,
+        *,
+        names: Sequence[str] | None = None,
+        evaluator: Evaluator | None = None,
+        resume: bool = False,
+    ) -> None:
+        cfgs = [cfg] if isinstance(cfg, TrainConfig) else list(cfg)
+        if not cfgs:
+            raise ValueError("no configs to train")
+        check_sweep(cfgs)
+        names = (
+            list(names)
+            if names
+            else (["dictionary"] if len(cfgs) == 1 else [f"m{i}" for i in range(len(cfgs))])
+        )
+        if len(set(names)) != len(cfgs):
+            raise ValueError("member names must be unique, one per config")
+        self.cfg = cfgs[0]
+        self.cfgs = cfgs
+        self.d_in = d_in
+        self.resume = resume
+        self.evaluator = evaluator
+        self.out_dir = Path(self.cfg.out_dir)
+        requested = self.cfg.device
+        self.dist = init_from_env(
+            "cuda"
+            if requested.startswith("cuda") or (requested == "auto" and torch.cuda.is_available())
+            else "cpu"
+        )
+        self.device = resolve_device(requested, self.dist)
+        self.members = [
+            Member(n, c, d_in, self.device, self.dist) for n, c in zip(names, cfgs, strict=True)
+        ]
+        self.step = 0
+        self.tokens = 0
+        self.input_scale = 1.0
+        self._consumed = 0
+        self._pending: list[Tensor] = []
+        pool_size = max(c.resample.pool_batches for c in cfgs)
+        self._pool: collections.deque[Tensor] = collections.deque(maxlen=pool_size)
+        self._keep_pool = any(c.resample_enabled() for c in cfgs)
+        self._signal: int | None = None
+        self._last: dict[str, dict[str, float]] = {}
+        self._log = MetricsLogger(self.out_dir, enabled=False)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self, batches: Iterable[Tensor]) -> TrainResult:
+        it = self._start(batches)
+        try:
+            with self._signal_handlers(), self._progress() as bar:
+                while self.tokens < self.cfg.total_tokens:
+                    x = self._next_batch(it)
+                    if x is None:
+                        break
+                    self._train_step(x, bar)
+                    if self._stop_requested():
+                        logger.warning("signal %s: saving a checkpoint and stopping", self._signal)
+                        self._checkpoint(batches)
+                        return self._result(interrupted=True, dictionaries={}, paths={})
+                    if (
+                        self.cfg.checkpoint_every_steps
+                        and self.step % self.cfg.checkpoint_every_steps == 0
+                    ):
+                        self._checkpoint(batches)
+            self._checkpoint(batches)
+            return self._finish()
+        finally:
+            self._log.close()
+
+    # -- named steps ---------------------------------------------------------------------------
+    def _start(self, batches: Iterable[Tensor]) -> Iterator[Tensor]:
+        """Restore from the checkpoint, or read the initial sample and initialise."""
+        main = self.dist.is_main
+        if self.resume:
+            state = load_checkpoint(self.out_dir)
+            it = self._restore(state, batches)
+            if main:
+                truncate_metrics(self.out_dir, self.step)
+            logger.info("resumed at step %d (%d tokens)", self.step, self.tokens)
+        else:
+            it = iter(batches)
+            self._initialize(it)
+            if main:
+                self._write_config()
+        self._log = MetricsLogger(
+            self.out_dir,
+            enabled=main,
+            wandb_project=self.cfg.logging.wandb_project if self.cfg.logging.wandb else None,
+            config=self._config_dict(),
+            resume=self.resume,
+        )
+        return it
+
+    def _initialize(self, it: Iterator[Tensor]) -> None:
+        """Input scale and b_dec from the first init_tokens tokens (which are then trained on)."""
+        need = self.cfg.dictionary.init_tokens
+        have = 0
+        while have < need:
+            x = next(it, None)
+            if x is None:
+                break
+            x = self._check(x)
+            self._consumed += 1
+            self._pending.append(x)
+            have += x.shape[0]
+        if not self._pending:
+            raise UserError("the activation source yielded no batches")
+        sample = torch.cat(self._pending)[:need].to(self.device, torch.float32)
+        self.input_scale = input_scale(sample)
+        for m in self.members:
+            m.initialize(sample, self.input_scale)
+
+    def _next_batch(self, it: Iterator[Tensor]) -> Tensor | None:
+        if self._pending:
+            return self._pending.pop(0)
+        x = next(it, None)
+        if x is None:
+            logger.info("the activation source ended after %d tokens", self.tokens)
+            return None
+        self._consumed += 1
+        return self._check(x)
+
+    def _check(self, x: Any) -> Tensor:
+        if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[-1] != self.d_in:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise UserError(
+                f"expected activation batches of shape [batch, {self.d_in}], got {shape}"
+            )
+        return x
+
+    def _train_step(self, x: Tensor, bar: Any) -> None:
+        """Every member on this batch, then counters, logging, resampling and evals."""
+        x = x.to(self.device, torch.float32, non_blocking=True)
+        local = shard(x, self.dist)
+        n = x.shape[0]
+        step, before = self.step, self.tokens
+        log_now = (
+            step + 1
+        ) % self.cfg.logging.log_every_steps == 0 or step + 1 >= self.cfg.total_steps
+        rows = {m.name: m.train_step(local, step, n, log_now) for m in self.members}
+        self.step += 1
+        self.tokens += n
+        bar.update(1)
+        if self._keep_pool:
+            self._pool.append(x)
+        for m in self.members:
+            m.maybe_resample(before, self.tokens, list(self._pool))
+        if log_now:
+            self._log_rows(rows, bar)
+        every = self.cfg.logging.eval_every_steps
+        if self.evaluator is not None and every and self.step % every == 0 and self.dist.is_main:
+            for m in self.members:
+                self._log_eval(m.name, self.evaluator(m.dictionary, m.scale))
+
+    def _log_rows(self, rows: dict[str, dict[str, Any]], bar: Any) -> None:
+        multi = len(self.members) > 1
+        for m in self.members:
+            row = {k: to_float(v) for k, v in rows[m.name].items()}
+            density = m.density.current()
+            if density is not None:
+                row.update(density_summary(density, self.cfg.logging.dense_threshold))
+            row["resampled_features"] = float(m.n_resampled)
+            self._last[m.name] = row
+            self._log.log({"step": self.step, "tokens": self.tokens, **row}, m.name, multi)
+        first = self._last[self.members[0].name]
+        bar.set_postfix(
+            {k: f"{first[k]:.3g}" for k in ("loss", "l0", "fvu", "dead_fraction") if k in first},
+            refresh=False,
+        )
+
+    def _log_eval(self, member: str, values: dict[str, float]) -> None:
+        row = {f"eval/{k}": float(v) for k, v in values.items()}
+        self._last.setdefault(member, {}).update(row)
+        self._log.log(
+            {"step": self.step, "tokens": self.tokens, **row}, member, len(self.members) > 1
+        )
+
+    def _finish(self) -> TrainResult:
+        """Fold, save, plot, final evals."""
+        dictionaries: dict[str, Dictionary] = {}
+        paths: dict[str, Path] = {}
+        for m in self.members:
+            d = m.final_dictionary(self.tokens)
+            dictionaries[m.name] = d
+            if self.dist.is_main:
+                paths[m.name] = self.out_dir / m.name
+                d.save(paths[m.name])
+                if self.evaluator is not None:
+                    self._log_eval(m.name, self.evaluator(d, 1.0))
+        if self.dist.is_main:
+            densities = {
+                m.name: dens for m in self.members if (dens := m.density.current()) is not None
+            }
+            for name, density in densities.items():
+                self._log.log_histogram(name, density, self.step, len(self.members) > 1)
+            if self.cfg.logging.plots:
+                from training.plots import draw_plots
+
+                draw_plots(self.out_dir, densities)
+        return self._result(interrupted=False, dictionaries=dictionaries, paths=paths)
+
+    def _result(self, interrupted: bool, dictionaries: dict, paths: dict) -> TrainResult:
+        return TrainResult(
+            self.out_dir, dictionaries, paths, self.step, self.tokens, interrupted, dict(self._last)
+        )
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _checkpoint(self, batches: Iterable[Tensor]) -> None:
+        if not self.dist.is_main:
+            return
+        source_state = getattr(batches, "state_dict", None)
+        save_checkpoint(
+            self.out_dir,
+            {
+                "step": self.step,
+                "tokens": self.tokens,
+                "input_scale": self.input_scale,
+                "members": {m.name: m.state_dict() for m in self.members},
+                "data_state": source_state() if callable(source_state) else None,
+                "consumed_batches": self._consumed,
+                "pending": [t.cpu() for t in self._pending],
+                "pool": [t.cpu() for t in self._pool],
+                "rng": rng_state(),
+                "last_metrics": self._last,
+            },
+        )
+
+    def _restore(self, state: dict[str, Any], batches: Iterable[Tensor]) -> Iterator[Tensor]:
+        names = {m.name for m in self.members}
+        if set(state["members"]) != names:
+            raise UserError(
+                f"checkpoint members {sorted(state['members'])} != this run's {sorted(names)}"
+            )
+        for m in self.members:
+            m.load_state_dict(state["members"][m.name])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.input_scale = float(state["input_scale"])
+        self._consumed = int(state["consumed_batches"])
+        self._pending = list(state["pending"])
+        self._pool.extend(t.to(self.device) for t in state["pool"])
+        self._last = dict(state.get("last_metrics", {}))
+        set_rng_state(state["rng"])
+        loader = getattr(batches, "load_state_dict", None)
+        if state["data_state"] is not None and callable(loader):
+            loader(state["data_state"])
+            return iter(batches)
+        # A source without state: replay it and skip what was consumed (exact if deterministic).
+        logger.warning(
+            "data source has no state_dict(); skipping %d batches to resume", self._consumed
+        )
+        it = iter(batches)
+        for _ in range(self._consumed):
+            if next(it, None) is None:
+                break
+        return it
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _config_dict(self) -> dict[str, Any]:
+        if len(self.members) == 1:
+            return to_dict(self.cfg)
+        return {"members": {m.name: to_dict(m.cfg) for m in self.members}}
+
+    def _write_config(self) -> None:
+        """The resolved configuration, including what was derived from the data."""
+        resolved = {
+            "d_in": self.d_in,
+            "input_scale": self.input_scale,
+            "world_size": self.dist.world_size,
+            "device": str(self.device),
+            "members": {
+                m.name: {
+                    "d_sae": m.dictionary.d_sae,
+                    "architecture": m.dictionary.cfg.architecture,
+                    "resample": m.cfg.resample_enabled(),
+                    "resample_every_tokens": m.cfg.resample_every_tokens(),
+                    "resample_window_tokens": m.cfg.resample_window_tokens(),
+                }
+                for m in self.members
+            },
+        }
+        atomic_write_json(
+            self.out_dir / "config.json", {**self._config_dict(), "resolved": resolved}
+        )
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._signal is not None else 0.0], device=self.device)
+        # Every process must stop at the same step, or the all-reduces would hang.
+        return (
+            bool(all_reduce_(flag, self.dist, op="max").item() > 0)
+            if self.dist.enabled
+            else self._signal is not None
+        )
+
+    @contextlib.contextmanager
+    def _signal_handlers(self) -> Iterator[None]:
+        """SIGINT/SIGTERM finish the current step, checkpoint, and stop (a second one kills)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum: int, frame: Any) -> None:
+            self._signal = signum
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _progress(self) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.cfg.total_steps,
+            initial=self.step,
+            unit="step",
+            desc="train",
+            disable=not (self.cfg.logging.progress and self.dist.is_main),
+            dynamic_ncols=True,
+        )
+
+
+def train_sweep(
+    cfgs: Sequence[TrainConfig],
+    d_in: int,
+    batches: Iterable[Tensor],
+    names: Sequence[str] | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train several dictionaries on the same batches in one pass over the activations."""
+    return Trainer(cfgs, d_in, names=names, resume=resume).fit(batches)
