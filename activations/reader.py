@@ -22,7 +22,9 @@ beyond the smallest rank's share are left out that epoch) so their steps stay in
 from __future__ import annotations
 
 import json
+import queue
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -93,7 +95,9 @@ class CachedActivations:
     """Shuffled batches [batch_size, d_in] of one cached hook, on `device`, for `epochs`.
 
     Iterating continues from the current position (a fresh reader starts at epoch 0, row 0);
-    `state_dict()` after a batch says where the next one starts.
+    `state_dict()` after a batch says where the next one starts. `prefetch` batches are
+    gathered and cast ahead on a background thread (0: all on the caller's thread, the plain
+    reference path; both give the same batches).
     """
 
     def __init__(
@@ -110,6 +114,7 @@ class CachedActivations:
         buffer_bytes: int = 512 * 2**20,
         chunk_rows: int = 1024,
         drop_last: bool = False,
+        prefetch: int = 4,
     ) -> None:
         if batch_size < 1 or epochs < 1 or chunk_rows < 1:
             raise ValueError("batch_size, epochs and chunk_rows must be positive")
@@ -126,6 +131,7 @@ class CachedActivations:
         self.world_size = world_size
         self.dtype = dtype
         self.drop_last = drop_last or world_size > 1
+        self.prefetch = prefetch
         self.shards = [memmap_activations(self.folder / s["file"]) for s in self.manifest["shards"]]
         itemsize = DTYPES[self.manifest["dtype"]].itemsize
         self.buffer_rows = max(batch_size, buffer_bytes // (self.d_in * itemsize))
@@ -219,8 +225,8 @@ class CachedActivations:
         parts = [self.shards[c.shard][c.start : c.stop] for c in group]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def _rows(self, epoch: int, start: int, limit: int) -> Iterator[Tensor]:
-        """This rank's epoch order from row `start` to `limit`, in pieces of buffer order."""
+    def _pieces(self, epoch: int, start: int, limit: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's epoch order from row `start` to `limit`: (mixing buffer, row order)."""
         offset = 0
         for g, group in enumerate(self._groups(self._epoch_chunks(epoch, self.rank))):
             n = sum(c.stop - c.start for c in group)
@@ -231,35 +237,76 @@ class CachedActivations:
                 return
             perm = np.random.default_rng([self.seed, epoch, self.rank, g]).permutation(n)
             lo, hi = max(start - offset, 0), min(limit - offset, n)
-            buffer = self._load_group(group)
-            yield buffer[torch.from_numpy(perm[lo:hi])]
+            yield self._load_group(group), torch.from_numpy(perm[lo:hi])
             offset += n
 
-    def _to_device(self, batch: Tensor) -> Tensor:
-        if self.device.type == "cuda":
-            return batch.pin_memory().to(self.device, non_blocking=True).to(self.dtype)
-        return batch.to(self.dtype)
+    def _batches(self, epoch: int, position: int) -> Iterator[tuple[Tensor, int, int]]:
+        """(batch in the output dtype, epoch, position after it) from (epoch, position) on.
 
-    def __iter__(self) -> Iterator[Float[Tensor, "B D"]]:
+        Pure: reads no reader state but its arguments, so it can run on a prefetch thread.
+        """
         per_epoch = self.rows_per_epoch()
         limit = per_epoch // self.batch_size * self.batch_size if self.drop_last else per_epoch
         B = self.batch_size
-        while self.epoch < self.epochs:
+        pin = self.device.type == "cuda"
+        while epoch < self.epochs:
             pending: list[Tensor] = []
             held = 0
-            for piece in self._rows(self.epoch, self.position, limit):
-                while piece.shape[0]:
-                    take = min(B - held, piece.shape[0])
-                    pending.append(piece[:take])
-                    held += take
-                    piece = piece[take:]
-                    if held == B:
+            for buffer, order in self._pieces(epoch, position, limit):
+                i = 0
+                while i < len(order):
+                    take = min(B - held, len(order) - i)
+                    pending.append(buffer.index_select(0, order[i : i + take]))
+                    held, i = held + take, i + take
+                    if held == B or (i == len(order) and position + held == limit):
                         batch = torch.cat(pending) if len(pending) > 1 else pending[0]
+                        batch = batch.to(self.dtype)
+                        position += held
                         pending, held = [], 0
-                        self.position += B
-                        yield self._to_device(batch)
-            if held:  # the last, partial batch of the epoch
-                self.position += held
-                yield self._to_device(torch.cat(pending))
-            self.epoch += 1
-            self.position = 0
+                        yield (batch.pin_memory() if pin else batch), epoch, position
+            epoch, position = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[Float[Tensor, "B D"]]:
+        batches = self._batches(self.epoch, self.position)
+        if self.prefetch:
+            batches = _in_background(batches, self.prefetch)
+        for batch, epoch, position in batches:
+            self.epoch, self.position = epoch, position
+            yield batch.to(self.device, non_blocking=True)
+        self.epoch, self.position = self.epochs, 0
+
+
+def _in_background(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Run `items` on a thread, `depth` ahead of the consumer (torch ops release the GIL, so
+    gathering and casting the next batches overlaps the trainer's step)."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:
+            put(e)
+
+    thread = threading.Thread(target=run, name="activation-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

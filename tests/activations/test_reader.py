@@ -72,6 +72,18 @@ def test_batches_mix_rows_from_many_shards_and_positions(cache_dir):
     assert len(shards_hit) >= 5  # 7 shards in the cache
 
 
+def test_prefetch_thread_gives_the_same_batches_as_the_plain_path(cache_dir):
+    plain = read(CachedActivations(cache_dir, HOOK, batch_size=70, chunk_rows=30, prefetch=0))
+    ahead = read(CachedActivations(cache_dir, HOOK, batch_size=70, chunk_rows=30, prefetch=3))
+    assert len(plain) == len(ahead) == 29
+    assert all(torch.equal(x, y) for x, y in zip(plain, ahead, strict=True))
+    reader = CachedActivations(cache_dir, HOOK, batch_size=70, prefetch=2)
+    it = iter(reader)
+    next(it)
+    it.close()  # abandoning the iterator stops the prefetch thread
+    assert reader.state_dict()["position"] == 70
+
+
 def test_same_seed_same_batches_other_seed_other_batches(cache_dir):
     a = read(CachedActivations(cache_dir, HOOK, batch_size=100, seed=1, chunk_rows=40))
     b = read(CachedActivations(cache_dir, HOOK, batch_size=100, seed=1, chunk_rows=40))
