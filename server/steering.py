@@ -28,6 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from sae.base import Dictionary
+from sae.errors import UserError
 from server.inference import hook_activations
 
 Hook = tuple[str, Callable[..., Any]]
@@ -125,11 +126,15 @@ def generate(
     ids = prompt_ids.clone().cpu()
     out: list[int] = []
     for _ in range(max_new_tokens):
-        logits = next_token_logits(model, ids, hooks).cpu()
+        logits = next_token_logits(model, ids, hooks).cpu().double()
+        if not bool(torch.isfinite(logits).all()):
+            raise UserError("steering made the logits infinite or NaN; use a smaller strength")
         if temperature == 0.0:
             nxt = int(logits.argmax())
         else:
-            logits = logits / temperature
+            # Shift first: the best token's logit is 0, so a tiny temperature gives -inf for
+            # the others (probability 0), never inf/inf = NaN.
+            logits = (logits - logits.max()) / temperature
             if top_k is not None and top_k < logits.numel():
                 kth = logits.topk(top_k).values[-1]
                 logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -150,3 +150,13 @@ def test_steer_errors(client: httpx.Client) -> None:
         "/api/steer", json={"prompt": "x", "interventions": [{"feature": "mlp0/1", "strength": 1}]}
     )
     assert r.status_code == 401
+
+
+def test_extreme_decoding_settings_are_not_errors(client: httpx.Client) -> None:
+    """A temperature of 1e-300 is greedy, not NaN (found by the schema fuzz)."""
+    ivs = [{"feature": "mlp0/3", "strength": 1.0}]
+    tiny = steer(client, interventions=ivs, max_new_tokens=4, temperature=1e-300, seed=1)
+    greedy = steer(client, interventions=ivs, max_new_tokens=4, temperature=0.0)
+    assert tiny["steered"]["token_ids"] == greedy["steered"]["token_ids"]
+    hot = steer(client, interventions=ivs, max_new_tokens=4, temperature=10.0, top_k=1)
+    assert hot["steered"]["token_ids"] == greedy["steered"]["token_ids"]  # top_k=1 is greedy
