@@ -23,11 +23,12 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
@@ -239,8 +240,10 @@ class FeatureAccumulator:
         tokens: Int[Tensor, "S T"],
         sequence: Int[Tensor, " S"],
         feature_acts: Float[Tensor, "S T F"],
+        valid: Bool[Tensor, "S T"] | None = None,
     ) -> None:
-        """Add a batch: contexts `tokens`, their indices in the context stream, and codes."""
+        """Add a batch: contexts `tokens`, their indices in the context stream, and codes.
+        Positions where `valid` is False (e.g. BOS rows a cache left out) are not counted."""
         S, T = tokens.shape
         if self.context_size is None:
             self.context_size = T
@@ -252,7 +255,12 @@ class FeatureAccumulator:
         token_index = (sequence[:, None] * T + torch.arange(T, device=device)).reshape(-1)
         if int(token_index.max()) > _LOW32:
             raise UserError("analysis supports at most 2**32 tokens per run")
-        self.n_tokens += S * T
+        if valid is None:
+            self.n_tokens += S * T
+        else:
+            valid = valid.to(device).reshape(S * T, 1)
+            acts = acts * valid
+            self.n_tokens += int(valid.sum())
 
         rows, feats = (acts > 0).nonzero(as_tuple=True)  # every firing; O(l0) per token
         vals = acts[rows, feats]
@@ -391,6 +399,8 @@ class ActivationBatch(NamedTuple):
     tokens: Int[Tensor, "S T"]
     sequence: Int[Tensor, " S"]
     acts: Float[Tensor, "S T D"]
+    valid: Bool[Tensor, "S T"] | None = None
+    """False where the source has no activation (a cache that dropped BOS rows)."""
 
 
 def check_pairing(model: Any, dictionary: Dictionary, hook_name: str) -> None:
@@ -429,6 +439,71 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
+def cached_activations(
+    path: str | Path,
+    hook_name: str,
+    n_tokens: int,
+    batch_size: int,
+    fill_token: int,
+    device: torch.device | str,
+) -> Iterator[ActivationBatch]:
+    """Whole contexts rebuilt from an activation cache (`sae cache`), which stores each
+    row's token id, context index and position: no model forward at all.
+
+    Rows of one context are consecutive within a rank's shards (a context may straddle two
+    shards); positions the cache left out (BOS) get `fill_token` and are marked invalid.
+    """
+    from safetensors import safe_open
+
+    from activations.reader import memmap_activations, open_manifest
+
+    folder, manifest = open_manifest(path, hook_name)
+    if manifest.get("hook_name") != hook_name:
+        raise UserError(f"activation cache {folder} holds {manifest.get('hook_name')!r}, "
+                        f"not {hook_name!r}")  # fmt: skip
+    T = int(manifest["context_size"])
+    emitted = 0
+    rest: list[Tensor] = []
+
+    def emit(acts: Tensor, tok: Tensor, seq: Tensor, pos: Tensor) -> ActivationBatch:
+        uniq, local = torch.unique_consecutive(seq, return_inverse=True)
+        S, p = uniq.numel(), pos.long()
+        tokens = torch.full((S, T), fill_token, dtype=torch.long)
+        tokens[local, p] = tok.long()
+        full = torch.zeros((S, T, acts.shape[-1]), dtype=acts.dtype)
+        full[local, p] = acts
+        valid = torch.zeros((S, T), dtype=torch.bool)
+        valid[local, p] = True
+        return ActivationBatch(tokens.to(device), uniq, full.to(device), valid.to(device))
+
+    for shard in manifest["shards"]:
+        file = folder / shard["file"]
+        with safe_open(str(file), "pt") as st:
+            cols = [memmap_activations(file)] + [
+                st.get_tensor(k) for k in ("token_ids", "sequence", "position")
+            ]
+        if rest:
+            cols = [torch.cat([r, c]) for r, c in zip(rest, cols, strict=True)]
+        seq = cols[2]
+        if seq.numel() == 0:
+            continue
+        _, counts = torch.unique_consecutive(seq, return_counts=True)
+        ends = counts.cumsum(0).tolist()
+        # The last context may continue in the next shard: keep it for then.
+        rest = [c[ends[-2] if len(ends) > 1 else 0 :] for c in cols]
+        start = 0
+        for i in range(0, len(ends) - 1, batch_size):
+            stop = ends[min(i + batch_size, len(ends) - 1) - 1]
+            batch = emit(*(c[start:stop] for c in cols))
+            emitted += stop - start
+            start = stop
+            yield batch
+            if emitted >= n_tokens:
+                return
+    if rest and rest[0].numel():
+        yield emit(*rest)
+
+
 def token_strings(tokenizer: Any, d_vocab: int) -> list[str]:
     """How each token id reads in text (byte-level BPE markers decoded)."""
     n = min(d_vocab, len(tokenizer))
@@ -447,9 +522,11 @@ def analyze(
     dictionary_name: str = "",
     model_name: str = "",
     progress: bool = True,
+    cache: str | Path | None = None,
 ) -> FeatureArrays:
-    """The whole analysis of one dictionary: one pass over `text` (a TextConfig), then
-    logit effects. Checks the model/dictionary pairing first."""
+    """The whole analysis of one dictionary: one pass over `text` (a TextConfig), or over
+    the activation cache `cache` if given (no model forward), then logit effects. Checks
+    the model/dictionary pairing first."""
     hook_name = hook_name or dictionary.cfg.hook_name
     if not hook_name:
         raise UserError("the dictionary's cfg.json names no hook_name; pass --hook")
@@ -457,9 +534,14 @@ def analyze(
     device = dictionary.device
     acc = FeatureAccumulator(dictionary.d_sae, cfg, device)
     bar = tqdm(total=cfg.n_tokens, unit="tok", disable=not progress, desc="analyze")
-    for batch in model_activations(model, hook_name, text, cfg.n_tokens, device):
+    if cache is not None:
+        pad = _pad_id(model.tokenizer)
+        source = cached_activations(cache, hook_name, cfg.n_tokens, text.batch_size, pad, device)
+    else:
+        source = model_activations(model, hook_name, text, cfg.n_tokens, device)
+    for batch in source:
         x = batch.acts.to(dictionary.dtype)
-        acc.update(batch.tokens, batch.sequence, dictionary.encode(x))
+        acc.update(batch.tokens, batch.sequence, dictionary.encode(x), batch.valid)
         bar.update(batch.tokens.numel())
     bar.close()
     if acc.n_tokens == 0:
@@ -481,7 +563,7 @@ def analyze(
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         generation=0,
         extra={
-            "text": text.dataset,
+            "text": str(cache) if cache is not None else text.dataset,
             "split": text.split,
             "context_size": text.context_size,
             "architecture": dictionary.cfg.architecture,

@@ -48,6 +48,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("dictionary", help="dictionary directory or hub repo id")
     _add_common(p)
     p.add_argument("--hook", help="hook name, if the dictionary's cfg.json has none")
+    p.add_argument("--cache", metavar="DIR", help="read activations (with their token ids) "
+                   "from this `sae cache` folder instead of running the model")  # fmt: skip
     p.add_argument("--tokens", type=int, dest="n_tokens", default=argparse.SUPPRESS,
                    help="tokens to analyse (same as --n-tokens)")  # fmt: skip
     add_dataclass_args(p, AnalysisConfig)
@@ -143,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
                 f"--context-size {text.context_size} exceeds the model's context {model.cfg.n_ctx}"
             )
         arrays = analyze(model, dictionary, text, cfg, hook_name=args.hook,
-                         dictionary_name=str(args.dictionary), model_name=model_name)  # fmt: skip
+                         dictionary_name=str(args.dictionary), model_name=model_name,
+                         cache=args.cache)  # fmt: skip
         with FeatureStore.open(store_dir) as store:
             meta = store.replace_statistics(arrays)
         print(f"analysed {meta.n_tokens:,} tokens: {meta.d_sae} features -> {store_dir} "

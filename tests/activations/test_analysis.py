@@ -3,6 +3,7 @@ real weights, pairing errors up front, labels across re-analysis, compare and ex
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -86,6 +87,40 @@ def test_analysis_matches_direct_encoding(model, text_dir: Path, tmp_path: Path)
         text = format_feature(store, fid)
         assert f"feature {fid}:" in text and "[[" in text and "promotes" in text
         assert len(pick_features(store, 3)) == 3
+
+
+@pytest.mark.parametrize("drop_bos", [False, True])
+def test_analysis_from_the_activation_cache(model, tiny_lm_dir, text_dir, tmp_path, drop_bos):
+    """Reading `sae cache` output (contexts straddling shards) gives the same analysis as
+    running the model; dropped BOS rows are not counted and never chosen."""
+    from activations.cache import CacheConfig, cache_activations
+
+    d = make_dict()
+    cache_cfg = CacheConfig(out=tmp_path / "cache", model=str(tiny_lm_dir), hooks=(HOOK,),
+                            text=text_cfg(text_dir), dtype="float32", max_tokens=160,
+                            shard_tokens=23, drop_bos=drop_bos, device="cpu")  # fmt: skip
+    cache_activations(cache_cfg, model=model)
+    cfg = dataclasses.replace(CFG, n_tokens=160)
+    from_cache = analyze(model, d, text_cfg(text_dir), cfg, progress=False,
+                         cache=tmp_path / "cache")  # fmt: skip
+    if not drop_bos:
+        direct = analyze(model, d, text_cfg(text_dir), cfg, progress=False)
+        assert from_cache.meta.n_tokens == direct.meta.n_tokens == 160
+        for name in ("n_fires", "top_sequence", "top_position", "top_token_ids", "q_sequence"):
+            assert np.array_equal(getattr(from_cache, name), getattr(direct, name)), name
+        np.testing.assert_allclose(from_cache.top_acts, direct.top_acts, rtol=1e-6)
+    else:
+        assert from_cache.meta.n_tokens == 160  # rows the cache holds: BOS rows left out
+        assert int(from_cache.n_fires.sum()) <= 160 * 32
+        live = from_cache.top_sequence >= 0
+        assert live.any() and (from_cache.top_position[live] > 0).all()
+        # Windows reaching back to position 0 show the BOS token the cache left out.
+        f, slot = np.nonzero(live & (from_cache.top_position < CFG.context_before))
+        assert len(f)
+        at = CFG.context_before - from_cache.top_position[f, slot]
+        ids = from_cache.top_token_ids[f, slot, at]
+        assert (ids == model.tokenizer.bos_token_id).all()
+        assert (from_cache.top_acts[f, slot, at] == 0).all()
 
 
 def test_logit_effects_follow_the_real_weights(model) -> None:
