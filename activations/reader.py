@@ -22,9 +22,7 @@ beyond the smallest rank's share are left out that epoch) so their steps stay in
 from __future__ import annotations
 
 import json
-import queue
 import struct
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -35,6 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from activations.cache import CONFIG_FILE, DTYPES, MANIFEST, part_name
+from activations.prefetch import in_background
 from sae.errors import UserError
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -269,44 +268,8 @@ class CachedActivations:
     def __iter__(self) -> Iterator[Float[Tensor, "B D"]]:
         batches = self._batches(self.epoch, self.position)
         if self.prefetch:
-            batches = _in_background(batches, self.prefetch)
+            batches = in_background(batches, self.prefetch)
         for batch, epoch, position in batches:
             self.epoch, self.position = epoch, position
             yield batch.to(self.device, non_blocking=True)
         self.epoch, self.position = self.epochs, 0
-
-
-def _in_background(items: Iterator[Any], depth: int) -> Iterator[Any]:
-    """Run `items` on a thread, `depth` ahead of the consumer (torch ops release the GIL, so
-    gathering and casting the next batches overlaps the trainer's step)."""
-    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(done)
-        except BaseException as e:
-            put(e)
-
-    thread = threading.Thread(target=run, name="activation-prefetch", daemon=True)
-    thread.start()
-    try:
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()

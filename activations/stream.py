@@ -21,6 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from activations.hooks import ActivationCapture, check_hook_names, hook_widths
+from activations.prefetch import in_background
 from activations.text import TextConfig, context_batches
 from sae.errors import UserError
 
@@ -86,12 +87,15 @@ class StreamedActivations:
         window_contexts = self.mix_passes * text.batch_size
         rows_per_window = window_contexts * (text.context_size - self.p0)
         first = start // rows_per_window
-        batches = context_batches(
-            text,
-            self.model.tokenizer,
-            rank=self.rank,
-            world_size=self.world_size,
-            start=first * window_contexts,
+        batches = in_background(
+            context_batches(
+                text,
+                self.model.tokenizer,
+                rank=self.rank,
+                world_size=self.world_size,
+                start=first * window_contexts,
+            ),
+            depth=2 * self.mix_passes,
         )
         model_device = next(self.model.parameters()).device
         for w in itertools.count(first):

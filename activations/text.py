@@ -265,7 +265,7 @@ def special_ids(tokenizer: Any) -> tuple[int, int]:
     return (bos if bos is not None else eos), (eos if eos is not None else bos)
 
 
-def _token_docs(docs: Iterator[Document], tokenizer: Any, chunk: int = 64) -> Iterator[list[int]]:
+def _token_docs(docs: Iterator[Document], tokenizer: Any, chunk: int = 16) -> Iterator[list[int]]:
     while True:
         batch = list(itertools.islice(docs, chunk))
         if not batch:
