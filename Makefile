@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml
 		$(BIN)/pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS); \
 	fi
 	$(BIN)/pip install -q -e ".[dev]"
+	@# The browser test drives Debian's chromium (never a downloaded browser); it skips without it.
+	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) || echo "chromium not installed: the browser test will skip"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -60,7 +60,8 @@ function tokenRow(tokens, values, scale, onClick) {
   tokens.forEach((t, i) => {
     const v = values[i] || 0;
     const a = scale > 0 ? Math.max(0, Math.min(1, v / scale)) : 0;
-    const span = el("span", { class: "tok", text: t, title: `${JSON.stringify(t)}: ${fmt(v)}` });
+    // A newline shows as ↵ so each example stays on one line.
+    const span = el("span", { class: "tok", text: t.replace(/\n/g, "↵"), title: `${JSON.stringify(t)}: ${fmt(v)}` });
     span.dataset.value = String(v);
     if (a > 0) span.style.background = `rgba(255, 120, 0, ${0.15 + 0.85 * a})`;
     if (onClick) span.addEventListener("click", () => onClick(i, span));
@@ -81,8 +82,8 @@ function currentDict() {
 // -- views -----------------------------------------------------------------------------------
 
 async function showList(dict, offset) {
-  const limit = 50;
-  const page = await api(`/api/features/${encodeURIComponent(dict)}?offset=${offset}&limit=${limit}`);
+  // Page sizes are the server's defaults (capped by its max_page); `page.limit` tells them.
+  const page = await api(`/api/features/${encodeURIComponent(dict)}?offset=${offset}`);
   renderFeaturePage(`Features of ${dict}`, page, (o) => `#/d/${encodeURIComponent(dict)}/${o}`);
 }
 
@@ -107,7 +108,7 @@ function renderFeaturePage(title, page, hrefFor) {
 }
 
 async function showFeature(dict, id) {
-  const f = await api(`/api/features/${encodeURIComponent(dict)}/${id}?limit=10`);
+  const f = await api(`/api/features/${encodeURIComponent(dict)}/${id}`);
   const node = document.getElementById("tpl-feature").content.firstElementChild.cloneNode(true);
   node.querySelector(".addr").textContent = f.address;
   node.querySelector(".label-text").textContent = f.label || "(no label)";
@@ -144,7 +145,7 @@ async function showFeature(dict, id) {
   };
   addExamples(f.top_examples);
   if (!f.top_examples.total) examples.append(el("p", { class: "muted", text: "No stored examples." }));
-  more.addEventListener("click", async () => addExamples((await api(`/api/features/${encodeURIComponent(dict)}/${id}?offset=${shown}&limit=10`)).top_examples));
+  more.addEventListener("click", async () => addExamples((await api(`/api/features/${encodeURIComponent(dict)}/${id}?offset=${shown}`)).top_examples));
 
   node.querySelector(".label-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
@@ -170,7 +171,7 @@ async function showFeature(dict, id) {
 }
 
 async function showSearch(dict, by, q, offset) {
-  const page = await api(`/api/search?dictionary=${encodeURIComponent(dict)}&by=${by}&q=${encodeURIComponent(q)}&offset=${offset}&limit=20`);
+  const page = await api(`/api/search?dictionary=${encodeURIComponent(dict)}&by=${by}&q=${encodeURIComponent(q)}&offset=${offset}`);
   renderFeaturePage(`Search ${dict} by ${by}: ${q}`, page, (o) => `#/search/${encodeURIComponent(dict)}/${by}/${encodeURIComponent(q)}/${o}`);
 }
 
