@@ -189,8 +189,20 @@ def _prepare_out(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> Non
         for name in old.get("hooks", []):
             shutil.rmtree(hook_dir(out, name), ignore_errors=True)
         config_path.unlink()
-    elif out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} is not empty and is not an activation cache; pick another --out")
+    elif out.exists():
+        # Another rank of the same torchrun job may be a moment ahead: its hook folders and
+        # temporary files are expected here, anything else is someone else's data.
+        ours = set(fingerprint["hooks"])
+        foreign = [
+            p.name
+            for p in out.iterdir()
+            if p.name not in ours and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+        ]
+        if foreign:
+            raise UserError(
+                f"{out} is not empty and is not an activation cache (holds {foreign[0]}); "
+                "pick another --out"
+            )
     atomic_write_json(config_path, fingerprint)
 
 

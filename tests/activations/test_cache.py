@@ -237,3 +237,30 @@ def test_a_different_run_in_the_same_folder_is_refused(tmp_path, docs, tiny_lm_d
     (tmp_path / "junk" / "x").write_text("mine")
     with pytest.raises(UserError, match="not an activation cache"):
         cache_activations(CacheConfig(**{**vars(cfg), "out": tmp_path / "junk"}), model=tiny_model)
+
+
+def test_whole_split_without_max_tokens_and_rank_from_the_torchrun_env(
+    tmp_path, docs, tiny_lm_dir, tiny_model, monkeypatch
+):
+    from activations.text import iter_contexts
+
+    text = TextConfig(dataset=str(docs), context_size=16)
+    n_contexts = sum(1 for _ in iter_contexts(text, tiny_model.tokenizer))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = CacheConfig(out=tmp_path / "c", model=str(tiny_lm_dir), text=text, shard_tokens=64)
+    result = cache_activations(cfg, model=tiny_model)
+    assert result.n_tokens == (n_contexts // 2) * 15  # rank 1 of 2: odd contexts, BOS dropped
+    rows = load_hook_part(result.hook_dirs[cfg.hooks[0]], rank=1)
+    assert set(rows["sequence"].tolist()) == set(range(1, n_contexts, 2))
+    assert not (result.hook_dirs[cfg.hooks[0]] / "manifest.json").exists()  # rank 0 missing
+    from activations.reader import CachedActivations
+
+    with pytest.raises(UserError, match=r"incomplete \(rank\(s\) \[0\]"):
+        CachedActivations(tmp_path / "c")
+
+
+def load_hook_part(folder: Path, rank: int) -> dict[str, torch.Tensor]:
+    part = json.loads((folder / f"part-{rank:02d}.json").read_text())
+    shards = [load_file(folder / s["file"]) for s in part["shards"]]
+    return {k: torch.cat([s[k] for s in shards]) for k in ("activations", "sequence")}
