@@ -92,6 +92,8 @@ class TrainLMConfig:
     """Use only the first N documents of each split (quick smoke runs)."""
     eval_batch_size: int = 64
     """Contexts per forward pass when measuring validation loss."""
+    sample_tokens: int = 32
+    """Greedy tokens generated after each prompt for the model card."""
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "d_model", "d_mlp", "n_heads", "n_layers", "batch_size")
@@ -115,7 +117,9 @@ def config_hash(cfg: TrainLMConfig) -> str:
     from sae.dataclass_cli import to_dict
 
     keep = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "work_dir", "threads")}
+    # Settings that do not change the trained weights may differ on resume.
     keep["checkpoint_every"] = None
+    keep.pop("sample_tokens")
     keep["python"] = sys.version.split()[0]
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -455,9 +459,6 @@ Full configuration and all numbers: `training_metrics.json` (written by the run)
 
 def run_training(cfg: TrainLMConfig, command: str = "sae train-lm") -> dict[str, Any]:
     """Train tokenizer and model, evaluate, and write `cfg.out` atomically. Returns metrics."""
-    from sae.atomic import atomic_dir, atomic_write_json, atomic_write_text
-    from sae.dataclass_cli import to_dict
-
     out = Path(cfg.out)
     if (
         out.exists()
@@ -465,7 +466,18 @@ def run_training(cfg: TrainLMConfig, command: str = "sae train-lm") -> dict[str,
         and not (out / "config.json").is_file()
     ):
         raise UserError(f"refusing to replace {out}: it exists and is not a model directory")
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    try:
+        return _train_evaluate_write(cfg, out, command)
+    finally:
+        torch.set_num_threads(previous_threads)  # a library call leaves the process as it was
+
+
+def _train_evaluate_write(cfg: TrainLMConfig, out: Path, command: str) -> dict[str, Any]:
+    from sae.atomic import atomic_dir, atomic_write_json, atomic_write_text
+    from sae.dataclass_cli import to_dict
+
     work = Path(cfg.work_dir) if cfg.work_dir else default_work_dir(cfg)
     claim_work_dir(work, config_hash(cfg))
     data = prepare_data(cfg, work)
@@ -484,7 +496,9 @@ def run_training(cfg: TrainLMConfig, command: str = "sae train-lm") -> dict[str,
         "parameters": sum(p.numel() for p in model.parameters()),
         # Wall-clock times mean little on a shared machine without its load next to them.
         "machine": f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end",
-        "samples": {p: greedy_sample(model, data.tokenizer, p) for p in SAMPLE_PROMPTS},
+        "samples": {
+            p: greedy_sample(model, data.tokenizer, p, cfg.sample_tokens) for p in SAMPLE_PROMPTS
+        },
         "corpus": data.corpus,
         "config": {k: v for k, v in to_dict(cfg).items() if k not in ("out", "work_dir")},
     }

@@ -199,13 +199,17 @@ def _tiny(tmp_path: Path, name: str, **overrides) -> TrainLMConfig:
         warmup_steps=2,
         checkpoint_every=2,
         eval_batch_size=16,
+        sample_tokens=2,
+        threads=1,  # tiny ops: OpenMP hand-offs would cost more than they save on a busy box
     )
     fields.update(overrides)
     return TrainLMConfig(**fields)  # type: ignore[arg-type]
 
 
 def test_train_lm_smoke_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    threads = torch.get_num_threads()
     straight = run_training(_tiny(tmp_path, "straight"))
+    assert torch.get_num_threads() == threads
     assert straight["tokens_seen"] == 6 * 4 * 32
     assert straight["val_tokens"] > 0 and straight["unigram_entropy_nats_per_token"] > 0
 
