@@ -121,7 +121,20 @@ class Member:
         metrics.update(batch_metrics(x, res.out.x_hat.detach(), f))
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm.detach()
-        return metrics
+        return self._average_over_processes(metrics)
+
+    def _average_over_processes(
+        self, metrics: dict[str, Tensor | float]
+    ) -> dict[str, Tensor | float]:
+        """Per-process batch metrics -> their mean (equal shares, so the global-batch mean for
+        the loss; FVU and EV become the mean over shares)."""
+        if not self.dist.enabled:
+            return metrics
+        keys = [k for k, v in metrics.items() if isinstance(v, Tensor)]
+        stacked = torch.stack([torch.as_tensor(metrics[k]).float().reshape(()) for k in keys])
+        all_reduce_(stacked, self.dist)
+        stacked /= self.dist.world_size
+        return {**metrics, **dict(zip(keys, stacked.unbind(), strict=True))}
 
     def _steer(self, step: int, f: Tensor) -> None:
         """Target-L0 controller, after the sparsity warm-up (its ramp would fool it)."""

@@ -65,3 +65,14 @@ class InterruptAt:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.source.load_state_dict(state)
+
+
+def ddp_cfg(out_dir: Path) -> TrainConfig:
+    """The run compared across 1 and 2 processes (resampling on, so it is exercised too)."""
+    cfg = small_cfg(out_dir, steps=30)
+    return with_(
+        cfg,
+        resample=with_(
+            cfg.resample, enabled=True, every_tokens=640, window_tokens=320, stop_fraction=0.8
+        ),
+    )
