@@ -262,8 +262,12 @@ class FeatureAccumulator:
             acts = acts * valid
             self.n_tokens += int(valid.sum())
 
-        rows, feats = (acts > 0).nonzero(as_tuple=True)  # every firing; O(l0) per token
+        # Every firing, in one scan of the codes (no boolean temporary); O(l0) per token after.
+        rows, feats = acts.nonzero(as_tuple=True)
         vals = acts[rows, feats]
+        fires = vals > 0  # codes are >= 0 in every architecture; NaN or negatives never fire
+        if not bool(fires.all()):
+            rows, feats, vals = rows[fires], feats[fires], vals[fires]
         self.sum_acts += torch.bincount(feats, weights=vals.double(), minlength=self.d_sae)
         bins = torch.bucketize(vals.double(), self.edges[1:-1], right=True)
         flat = feats * self.cfg.histogram_bins + bins
