@@ -31,7 +31,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    "or folder, or a Hugging Face dataset name (default: bundled)")  # fmt: skip
     p.add_argument("--split", default="validation",
                    help="dataset split (default: validation; local files only have train)")  # fmt: skip
-    p.add_argument("--context-size", type=int, default=128, help="tokens per context")
+    p.add_argument("--context-size", type=int,
+                   help="tokens per context (default: 128, or the model's context if shorter)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
 
@@ -92,14 +93,18 @@ def _device(name: str) -> str:
     return name
 
 
-def _text_config(args: argparse.Namespace) -> Any:
+def _text_config(args: argparse.Namespace, model: Any) -> Any:
     from activations.text import TextConfig
 
+    n_ctx = int(model.cfg.n_ctx)
+    context_size = args.context_size or min(128, n_ctx)
+    if context_size > n_ctx:
+        raise UserError(f"--context-size {context_size} exceeds the model's context {n_ctx}")
     split = args.split
     if args.text != "bundled" and Path(args.text).expanduser().exists() and split == "validation":
         split = "train"  # local files have one split
     try:
-        return TextConfig(dataset=args.text, split=split, context_size=args.context_size,
+        return TextConfig(dataset=args.text, split=split, context_size=context_size,
                           batch_size=args.batch_size)  # fmt: skip
     except ValueError as e:
         raise UserError(str(e)) from e
@@ -139,11 +144,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(str(e)) from e
         device = _device(args.device)
         dictionary, model, model_name = _load(args.dictionary, args.model, device)
-        text = _text_config(args)
-        if text.context_size > model.cfg.n_ctx:
-            raise UserError(
-                f"--context-size {text.context_size} exceeds the model's context {model.cfg.n_ctx}"
-            )
+        text = _text_config(args, model)
         arrays = analyze(model, dictionary, text, cfg, hook_name=args.hook,
                          dictionary_name=str(args.dictionary), model_name=model_name,
                          cache=args.cache)  # fmt: skip
@@ -215,7 +216,7 @@ def run_compare(args: argparse.Namespace) -> int:
     device = _device(args.device)
     a, model, _ = _load(args.dictionary_a, args.model, device)
     b = load_dictionary(args.dictionary_b, device=device)
-    text = _text_config(args)
+    text = _text_config(args, model)
     if args.tokens < 1 or args.k < 1:
         raise UserError("--tokens and -k must be positive")
     cmp = compare_dictionaries(model, a, b, text, args.tokens, k=args.k)

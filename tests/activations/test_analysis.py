@@ -206,6 +206,17 @@ def test_cli_labels_survive_reanalysis_and_export(
         assert float(split["activations"][0]) == pytest.approx(ex.acts[pos[0] - left], rel=1e-2)
     assert main(["analyze", str(tmp_path / "dict"), "--skip-analysis", "--features", "1"]) == 0
     assert "label: 'loop keyword'" in capsys.readouterr().out
+    # sae compare: a dictionary against itself matches every feature to itself.
+    assert main(["compare", str(tmp_path / "dict"), str(tmp_path / "dict"), "--text",
+                 str(text_dir), "--context-size", "16", "--tokens", "64", "-k", "2"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "a_to_b.frac_cosine_above_0.7: 1.000" in out
+    doc = json.loads((tmp_path / "dict" / "analysis" / "compare-dict.json").read_text())
+    assert [row["cosine"][0][0] for row in doc["a_to_b"]] == list(range(32))
+    # A dictionary for another hook width fails before any text is read.
+    make_dict(d_in=48).save(tmp_path / "bad")
+    assert main(["analyze", str(tmp_path / "bad"), "--model", str(tiny_lm_dir)]) == 2
+    assert "d_in 48" in capsys.readouterr().err
 
 
 def test_compare_finds_the_same_dictionary(model, text_dir: Path) -> None:
