@@ -98,8 +98,10 @@ def feature_logit_effects(
 class ModelQueue:
     """Serialises model work in worker threads and bounds how many jobs may wait.
 
-    One lock for all models: on a CPU, torch already uses every core for one forward pass,
-    so running two at once only makes both slower; on a GPU it keeps memory bounded. The
+    One lock for all models, and it is required, not only faster: steering installs its hooks
+    on the model object for the length of a generation, so two forward passes must never
+    overlap. (On a CPU torch already uses every core for one pass; on a GPU the lock also
+    bounds memory.) Feature reads that only read weights (logit effects) need no lock. The
     counter is only touched on the event loop thread, so it needs no lock of its own.
     """
 
