@@ -4,9 +4,12 @@ handlers receive it through. Nothing here is a module-level singleton: `AppState
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -77,6 +80,32 @@ class ServedDictionary:
         )
 
 
+class RateLimiter:
+    """Sliding one-minute window of request times per client address."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._seen: dict[str, collections.deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def retry_after(self, client: str) -> float | None:
+        """None if `client` may go ahead (and count it), else seconds until it may."""
+        now = time.monotonic()
+        with self._lock:
+            times = self._seen.setdefault(client, collections.deque())
+            while times and times[0] <= now - self.WINDOW_S:
+                times.popleft()
+            if len(times) >= self.per_minute:
+                return times[0] + self.WINDOW_S - now
+            times.append(now)
+            if len(self._seen) > 10_000:  # forget idle clients so memory stays bounded
+                for key in [k for k, v in self._seen.items() if not v]:
+                    del self._seen[key]
+            return None
+
+
 @dataclass
 class AppState:
     settings: ServerSettings
@@ -84,6 +113,8 @@ class AppState:
     models: dict[str, Any]
     """Loaded language models (TransformerBridge), by model name."""
     queue: ModelQueue
+    limiter: RateLimiter | None = None
+    """Per-client quota on model requests; None when `rate_limit` is 0."""
 
     def close(self) -> None:
         for sd in self.dictionaries.values():
@@ -144,7 +175,8 @@ def load_state(settings: ServerSettings) -> AppState:
             d.cfg.hook_name,
             "analysed" if served[name].has_analysis() else "no analysis",
         )
-    return AppState(settings, served, models, ModelQueue(settings.max_queue))
+    limiter = RateLimiter(settings.rate_limit) if settings.rate_limit else None
+    return AppState(settings, served, models, ModelQueue(settings.max_queue), limiter)
 
 
 # -- dependencies ---------------------------------------------------------------------------------
@@ -205,6 +237,21 @@ def require_write(request: Request, state: StateDep) -> None:
             "(--api-key or SAE_SERVE_API_KEY)",
         )
     _check_key(request, state.settings.api_key)
+
+
+def model_quota(request: Request, state: StateDep) -> None:
+    """429 once a client has used its `rate_limit` model requests in the last minute."""
+    if state.limiter is None:
+        return
+    client = request.client.host if request.client else "unknown"
+    wait = state.limiter.retry_after(client)
+    if wait is not None:
+        raise ApiError(
+            429,
+            "too_many_requests",
+            f"more than {state.limiter.per_minute} model requests a minute from {client}",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
 
 
 def get_dictionary(

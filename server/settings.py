@@ -48,6 +48,9 @@ class ServerSettings:
     """Largest page (`limit`) for listings, searches and top examples."""
     max_body_bytes: int = 65536
     """Largest request body; bigger bodies get 413 before they are read."""
+    rate_limit: int = 0
+    """Model requests (text activations, top features, steering) allowed per client address
+    per minute; more get 429 with Retry-After. 0: no limit."""
     max_queue: int = 16
     """Most model jobs waiting at once; more get 503 with Retry-After (back-pressure)."""
     log_level: LogLevel = "info"
@@ -65,6 +68,8 @@ class ServerSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"setting {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.rate_limit, int) or self.rate_limit < 0:
+            raise UserError(f"setting rate_limit must be >= 0, got {self.rate_limit!r}")
         if not 0 <= self.port <= 65535:
             raise UserError(f"setting port must be in 0..65535, got {self.port}")
         if self.api_key is not None and len(self.api_key) < 8:

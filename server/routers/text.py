@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from server import service
-from server.deps import StateDep, require_read, require_write
+from server.deps import StateDep, model_quota, require_read, require_write
 from server.schemas import (
     ActivationsRequest,
     ActivationsResponse,
@@ -22,7 +22,7 @@ router = APIRouter(prefix="/api", tags=["text"])
     "/activations",
     response_model=ActivationsResponse,
     summary="Activations of one or many features on every token of a text",
-    dependencies=[Depends(require_read)],
+    dependencies=[Depends(require_read), Depends(model_quota)],
 )
 async def activations(state: StateDep, req: ActivationsRequest) -> ActivationsResponse:
     return await state.queue.run(service.activations, state, req)
@@ -32,7 +32,7 @@ async def activations(state: StateDep, req: ActivationsRequest) -> ActivationsRe
     "/top-features",
     response_model=TopFeaturesResponse,
     summary="The strongest features of a text, per token and overall",
-    dependencies=[Depends(require_read)],
+    dependencies=[Depends(require_read), Depends(model_quota)],
 )
 async def top_features(state: StateDep, req: TopFeaturesRequest) -> TopFeaturesResponse:
     return await state.queue.run(service.top_features, state, req)
@@ -42,7 +42,7 @@ async def top_features(state: StateDep, req: TopFeaturesRequest) -> TopFeaturesR
     "/steer",
     response_model=SteerResponse,
     summary="Generate with features steered, beside the baseline (needs the API key)",
-    dependencies=[Depends(require_write)],
+    dependencies=[Depends(require_write), Depends(model_quota)],
 )
 async def steer(state: StateDep, req: SteerRequest) -> SteerResponse:
     return await state.queue.run(service.steer, state, req)

@@ -145,13 +145,14 @@ def running_server(app: Any) -> Iterator[str]:
 def serve_state(state: Any, **settings_over: Any) -> contextlib.AbstractContextManager[str]:
     """A server over the already loaded `state`, with some settings changed."""
     from server.app import create_app
+    from server.deps import RateLimiter
     from server.inference import ModelQueue
 
     settings = dataclasses.replace(state.settings, **settings_over)
     queue = ModelQueue(settings.max_queue)
-    return running_server(
-        create_app(state=dataclasses.replace(state, settings=settings, queue=queue))
-    )
+    limiter = RateLimiter(settings.rate_limit) if settings.rate_limit else None
+    new_state = dataclasses.replace(state, settings=settings, queue=queue, limiter=limiter)
+    return running_server(create_app(state=new_state))
 
 
 @pytest.fixture(scope="session")

@@ -350,6 +350,22 @@ def test_private_reads(state: Any) -> None:
         assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
 
 
+def test_rate_limit_answers_429(state: Any) -> None:
+    body = {"text": "a", "features": ["mlp0/1"]}
+    with serve_state(state, rate_limit=2) as url, httpx.Client(base_url=url) as c:
+        assert c.post("/api/activations", json=body).status_code == 200
+        assert (
+            c.post("/api/top-features", json={"text": "a", "dictionary": "mlp0"}).status_code == 200
+        )
+        r = c.post("/api/activations", json=body)
+        assert_error(r, 429, "too_many_requests")
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+        assert c.get("/api/features/mlp0/1").status_code == 200  # reads are not model work
+        # Unauthenticated steering is refused before it can use up the quota.
+        steer = {"prompt": "a", "interventions": [{"feature": "mlp0/1", "strength": 0}]}
+        assert_error(c.post("/api/steer", json=steer), 401)
+
+
 def test_queue_full_answers_503(state: Any) -> None:
     """Back-pressure: with max_queue=1 and the model busy, a second job is refused at once."""
     import dataclasses
