@@ -123,7 +123,12 @@ def sample_keys(token_index: Int[Tensor, " Z"], feature: Int[Tensor, " Z"], seed
 
 class ExampleSlots:
     """The running best `n` (feature, token) pairs of every feature, by key, with their
-    token windows and the feature's activation on every window token."""
+    token windows and the feature's activation on every window token.
+
+    Slots are unordered while streaming: a merge writes only the entries that enter, into
+    the slots of the entries they evict (no per-batch reshuffle of the [F, N, W] windows);
+    `sorted()` orders them by key at the end.
+    """
 
     def __init__(self, d_sae: int, n: int, before: int, after: int, device: torch.device):
         self.n, self.before, self.after = n, before, after
@@ -136,7 +141,7 @@ class ExampleSlots:
 
     def threshold(self) -> Int[Tensor, " F"]:
         """A candidate must have a larger key than this to enter (-1 while slots are free)."""
-        return self.keys[:, -1]
+        return self.keys.min(dim=1).values
 
     def merge(
         self,
@@ -148,9 +153,7 @@ class ExampleSlots:
         """Merge candidates (feature, key, row of the flattened batch) into the slots."""
         if feats.numel() == 0:
             return
-        n, W = self.n, self.token_ids.shape[-1]
-        # Only features with candidates are touched: the cost is O(touched x N x W), which
-        # shrinks as the running thresholds rise, instead of O(d_sae x N x W) per batch.
+        n = self.n
         # Each feature's n best candidates: sort by key desc, then stably by feature.
         order = keys.argsort(descending=True)
         order = order[feats[order].argsort(stable=True)]
@@ -168,31 +171,39 @@ class ExampleSlots:
         cand_rows = torch.zeros((U, n), dtype=torch.long, device=keys.device)
         cand_rows[local, rank] = rows
 
-        # Keys are unique (empty slots aside), so topk is deterministic.
-        new_keys, src = torch.cat([self.keys[touched], cand_keys], dim=1).topk(n, dim=1)
-        old = src.clamp(max=n - 1)
-        tok = self.token_ids[touched].gather(1, old[..., None].expand(-1, -1, W))
-        act = self.acts[touched].gather(1, old[..., None].expand(-1, -1, W))
-        seq = self.sequence[touched].gather(1, old)
-        pos = self.position[touched].gather(1, old)
+        # The n best of old + candidates. Keys are unique (empty slots aside), so the chosen
+        # set is deterministic; only its membership matters here.
+        _, src = torch.cat([self.keys[touched], cand_keys], dim=1).topk(n, dim=1)
+        chosen = torch.zeros((U, 2 * n), dtype=torch.bool, device=keys.device)
+        chosen.scatter_(1, src, True)
+        # Evicted old slots and entering candidates pair up row by row (equal counts per
+        # feature, both listed in row-major order).
+        u_slot, slot = (~chosen[:, :n]).nonzero(as_tuple=True)
+        u_cand, cand = chosen[:, n:].nonzero(as_tuple=True)
+        if slot.numel() == 0:
+            return
+        f = touched[u_slot]
+        new_keys = cand_keys[u_cand, cand]
+        self.keys[f, slot] = new_keys
+        tok, act, seq, pos = batch.windows(cand_rows[u_cand, cand], f, self.before, self.after)
+        empty = new_keys < 0  # only when fewer than n firings exist so far
+        self.token_ids[f, slot] = torch.where(empty[:, None], torch.full_like(tok, -1), tok)
+        self.acts[f, slot] = torch.where(empty[:, None], torch.zeros_like(act), act)
+        self.sequence[f, slot] = torch.where(empty, torch.full_like(seq, -1), seq)
+        self.position[f, slot] = pos
 
-        u_new, slot_new = ((src >= n) & (new_keys >= 0)).nonzero(as_tuple=True)
-        if u_new.numel():
-            row = cand_rows[u_new, src[u_new, slot_new] - n]
-            w_tok, w_act, w_seq, w_pos = batch.windows(row, touched[u_new], self.before, self.after)
-            tok[u_new, slot_new] = w_tok
-            act[u_new, slot_new] = w_act
-            seq[u_new, slot_new] = w_seq
-            pos[u_new, slot_new] = w_pos
-        empty = new_keys < 0
-        seq[empty] = -1
-        tok[empty] = -1
-        act[empty] = 0.0
-        self.keys[touched] = new_keys
-        self.token_ids[touched] = tok
-        self.acts[touched] = act
-        self.sequence[touched] = seq
-        self.position[touched] = pos
+    def sorted(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(keys, token_ids, acts, sequence, position) with each feature's slots by key desc."""
+        order = self.keys.argsort(dim=1, descending=True)
+        W = self.token_ids.shape[-1]
+        o3 = order[..., None].expand(-1, -1, W)
+        return (
+            self.keys.gather(1, order),
+            self.token_ids.gather(1, o3),
+            self.acts.gather(1, o3),
+            self.sequence.gather(1, order),
+            self.position.gather(1, order),
+        )
 
 
 class _Batch(NamedTuple):
@@ -287,18 +298,20 @@ class FeatureAccumulator:
     ) -> FeatureArrays:
         """Everything collected, as the numpy arrays the feature store keeps."""
         F, L = self.d_sae, self.cfg.context_before
-        top_vals = key_values(self.top.keys)
-        # Quantile buckets: sort the uniform sample by activation, cut into equal counts.
-        s = self.sample
-        valid = s.keys >= 0
-        act_at = torch.where(valid, s.acts[:, :, L], torch.full_like(s.acts[:, :, L], math.inf))
+        top_keys, top_tok, top_act, top_seq, top_pos = self.top.sorted()
+        top_vals = key_values(top_keys)
+        # Quantile buckets: sort the uniform sample by activation (ties: by sample key), cut
+        # into equal counts.
+        s_keys, s_tok, s_act, s_seq, s_pos = self.sample.sorted()
+        valid = s_keys >= 0
+        act_at = torch.where(valid, s_act[:, :, L], torch.full_like(s_act[:, :, L], math.inf))
         order = act_at.argsort(dim=1, stable=True)
-        W = s.acts.shape[-1]
-        q_tok = s.token_ids.gather(1, order[..., None].expand(-1, -1, W))
-        q_act = s.acts.gather(1, order[..., None].expand(-1, -1, W))
-        q_seq, q_pos = s.sequence.gather(1, order), s.position.gather(1, order)
+        W = s_act.shape[-1]
+        q_tok = s_tok.gather(1, order[..., None].expand(-1, -1, W))
+        q_act = s_act.gather(1, order[..., None].expand(-1, -1, W))
+        q_seq, q_pos = s_seq.gather(1, order), s_pos.gather(1, order)
         count = valid.sum(1, keepdim=True).clamp_min(1)
-        rank = torch.arange(s.n, device=count.device)[None, :]
+        rank = torch.arange(self.sample.n, device=count.device)[None, :]
         bucket = torch.where(
             rank < count, rank * self.cfg.n_quantiles // count, torch.full_like(rank, -1)
         )
@@ -316,10 +329,10 @@ class FeatureAccumulator:
             sum_acts=np_(self.sum_acts, np.float64),
             max_act=np_(top_vals[:, 0], np.float32),
             hist_counts=np_(self.hist, np.int64),
-            top_token_ids=np_(self.top.token_ids, np.int32),
-            top_acts=np_(self.top.acts, np.float32),
-            top_sequence=np_(self.top.sequence, np.int64),
-            top_position=np_(self.top.position, np.int32),
+            top_token_ids=np_(top_tok, np.int32),
+            top_acts=np_(top_act, np.float32),
+            top_sequence=np_(top_seq, np.int64),
+            top_position=np_(top_pos, np.int32),
             q_token_ids=np_(q_tok, np.int32),
             q_acts=np_(q_act, np.float32),
             q_sequence=np_(q_seq, np.int64),

@@ -132,5 +132,6 @@ def test_ties_prefer_earlier_tokens() -> None:
     for b in range(3):
         acc.update(torch.zeros(2, T, dtype=torch.long), torch.arange(2 * b, 2 * b + 2),
                    torch.ones(2, T, 1))  # fmt: skip
-    assert acc.top.sequence[0].tolist() == [0, 0, 0, 0]
-    assert acc.top.position[0].tolist() == [0, 1, 2, 3]
+    _, _, _, sequence, position = acc.top.sorted()
+    assert sequence[0].tolist() == [0, 0, 0, 0]
+    assert position[0].tolist() == [0, 1, 2, 3]
