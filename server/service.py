@@ -45,6 +45,7 @@ def _one_model(state: AppState, dictionaries: list[ServedDictionary]) -> Any:
     return state.models[keys.pop()]
 
 
+@torch.no_grad()
 def activations(state: AppState, req: ActivationsRequest) -> ActivationsResponse:
     """Each requested feature's activation on every token of the text."""
     _check_batch(state, len(req.features), "features")
@@ -54,20 +55,23 @@ def activations(state: AppState, req: ActivationsRequest) -> ActivationsResponse
     ids = tokenize(model, req.text, s.max_prompt_tokens, s.prepend_bos)
     acts: dict[str, torch.Tensor] = {}  # one forward pass + encode per dictionary
     traces = []
-    for (sd, fid), address in zip(resolved, req.features, strict=True):
+    for sd, fid in resolved:
         if sd.name not in acts:
             x = hook_activations(model, ids, sd.dictionary.cfg.hook_name or "")
             d = sd.dictionary
             acts[sd.name] = d.encode(x.to(d.device, d.dtype)).float().cpu()
         values = acts[sd.name][:, fid]
         traces.append(
-            FeatureTrace(address=address, values=values.tolist(), max_value=float(values.max()))
+            FeatureTrace(
+                address=f"{sd.name}/{fid}", values=values.tolist(), max_value=float(values.max())
+            )
         )
     return ActivationsResponse(
         tokens=token_strings(model, ids.tolist()), token_ids=ids.tolist(), features=traces
     )
 
 
+@torch.no_grad()
 def top_features(state: AppState, req: TopFeaturesRequest) -> TopFeaturesResponse:
     """The strongest features of each token, and over the whole text."""
     sd = state.get(req.dictionary)
@@ -114,6 +118,7 @@ def top_features(state: AppState, req: TopFeaturesRequest) -> TopFeaturesRespons
     )
 
 
+@torch.no_grad()
 def steer(state: AppState, req: SteerRequest) -> SteerResponse:
     """Baseline and steered continuations of the prompt, same decoding and seed."""
     s = state.settings
@@ -139,7 +144,7 @@ def steer(state: AppState, req: SteerRequest) -> SteerResponse:
         )
         applied.append(
             AppliedIntervention(
-                address=iv.feature,
+                address=f"{sd.name}/{fid}",
                 mode=iv.mode,
                 strength=iv.strength,
                 unit=unit,

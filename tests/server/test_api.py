@@ -236,6 +236,9 @@ def test_activations_parity_with_python_api(client: httpx.Client, state: Any) ->
         assert trace["values"] == pytest.approx(f[:, int(fid)].tolist(), abs=1e-6)
         assert trace["max_value"] == pytest.approx(float(f[:, int(fid)].max()), abs=1e-6)
     assert [t["address"] for t in r["features"]] == feats
+    # Addresses come back canonical, however they were spelled.
+    r = client.post("/api/activations", json={"text": "a", "features": ["mlp0/007"]}).json()
+    assert r["features"][0]["address"] == "mlp0/7"
 
 
 def test_top_features_parity(client: httpx.Client, state: Any) -> None:
