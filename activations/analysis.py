@@ -438,11 +438,14 @@ def model_activations(
     """Run contexts of `text` (a TextConfig) through the model, yielding the hook's
     activations until `n_tokens` tokens (whole contexts) have been produced."""
     from activations.hooks import ActivationCapture
+    from activations.prefetch import in_background
     from activations.text import context_batches
 
     max_contexts = -(-n_tokens // text.context_size)
+    batches = context_batches(text, model.tokenizer, max_contexts=max_contexts)
     with ActivationCapture(model, [hook_name]) as capture:
-        for batch in context_batches(text, model.tokenizer, max_contexts=max_contexts):
+        # Tokenize on a background thread, ahead of the forward pass.
+        for batch in in_background(batches, depth=4):
             tokens = batch.tokens.to(device)
             acts = capture(tokens)[hook_name]
             yield ActivationBatch(tokens, batch.sequence, acts)
@@ -551,9 +554,14 @@ def analyze(
     device = dictionary.device
     acc = FeatureAccumulator(dictionary.d_sae, cfg, device)
     bar = tqdm(total=cfg.n_tokens, unit="tok", disable=not progress, desc="analyze")
+    source: Iterator[ActivationBatch]
     if cache is not None:
+        from activations.prefetch import in_background
+
         pad = _pad_id(model.tokenizer)
-        source = cached_activations(cache, hook_name, cfg.n_tokens, text.batch_size, pad, device)
+        source = in_background(
+            cached_activations(cache, hook_name, cfg.n_tokens, text.batch_size, pad, device), 2
+        )
     else:
         source = model_activations(model, hook_name, text, cfg.n_tokens, device)
     for batch in source:
