@@ -444,3 +444,15 @@ def test_openapi_and_browser_page(client: httpx.Client) -> None:
     assert page.status_code == 200 and "app.js" in page.text
     assert client.get("/static/app.js").status_code == 200
     assert_error(client.get("/static/nope.js"), 404)
+
+
+def test_app_loads_its_state_in_the_lifespan(dict_dirs: Any) -> None:
+    """create_app(settings): models, dictionaries and stores load at start-up, close at exit."""
+    from server.app import create_app
+    from tests.server.conftest import running_server, test_settings
+
+    app = create_app(test_settings(dict_dirs, dictionaries=[f"only={dict_dirs['mlp0']}"]))
+    with running_server(app) as url, httpx.Client(base_url=url) as c:
+        assert c.get("/readyz").json()["dictionaries"] == 1
+        assert c.get("/api/features/only/1").json()["stats"] is not None
+    assert app.state.sae is None
