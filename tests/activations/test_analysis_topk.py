@@ -135,3 +135,21 @@ def test_ties_prefer_earlier_tokens() -> None:
     _, _, _, sequence, position = acc.top.sorted()
     assert sequence[0].tolist() == [0, 0, 0, 0]
     assert position[0].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_accumulator_equals_cpu() -> None:
+    cfg = AnalysisConfig(n_top=5, context_before=3, context_after=2, n_quantiles=2,
+                         examples_per_quantile=3)  # fmt: skip
+    batches = make_stream()
+    cpu = run_stream(batches, cfg)
+    acc = FeatureAccumulator(F, cfg, "cuda")
+    for tokens, seq, acts in batches:
+        acc.update(tokens.cuda(), seq.cuda(), acts.cuda())
+    gpu = acc.result(cpu.meta, cpu.vocab, None)
+    for name in cpu.ARRAY_FIELDS:
+        if name == "sum_acts":  # summation order differs on the device
+            np.testing.assert_allclose(cpu.sum_acts, gpu.sum_acts, rtol=1e-12)
+        else:
+            assert np.array_equal(getattr(cpu, name), getattr(gpu, name)), name
