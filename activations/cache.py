@@ -9,7 +9,9 @@ Layout of a cache folder (`CacheConfig.out`):
                                        int32, and this shard's stat_sum [D] / stat_sq_norm [1]
                                        (float64) so statistics survive a resume
         part-00.json                   rank 00's shard list, written when the rank is done
-        manifest.json                  the merged manifest the readers open (see `MANIFEST`)
+        manifest.json                  what readers open: model, hook_name, dataset, dtype, d_in,
+                                       n_tokens, shards, per-dimension mean, mean_squared_norm
+                                       (activations/shards.py writes shards and manifests)
 
 Nothing lost, nothing doubled: shard k of a rank always holds rows [k * shard_tokens,
 (k + 1) * shard_tokens) of that rank's deterministic row stream, and is written under a temporary
@@ -27,25 +29,46 @@ import json
 import logging
 import math
 import os
-import queue
 import shutil
-import struct
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
-from torch import Tensor
 
 from activations.prefetch import in_background
+from activations.shards import (  # re-exported: the cache's public names
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    ShardBuffers,
+    ShardWriter,
+    check_free_disk,
+    merge_manifest,
+    part_name,
+    shard_name,
+    write_part_manifest,
+)
 from activations.text import TextConfig, check_source, context_batches, iter_contexts
-from sae.atomic import atomic_path, atomic_write_json
+from sae.atomic import atomic_write_json
 from sae.dataclass_cli import to_dict
 from sae.errors import UserError
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CONFIG_FILE",
+    "DTYPES",
+    "MANIFEST",
+    "CacheConfig",
+    "CacheResult",
+    "cache_activations",
+    "check_free_disk",
+    "hook_dir",
+    "part_name",
+    "shard_name",
+]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -53,9 +76,6 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 CONFIG_FILE = "cache_config.json"
-MANIFEST = "manifest.json"
-FORMAT = "sae-activation-cache"
-FORMAT_VERSION = 1
 SHARD_TARGET_BYTES = 128 * 2**20
 """Auto shard size: about this many bytes of activations for the widest hook."""
 META_BYTES_PER_ROW = 4 + 8 + 4
@@ -137,15 +157,8 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cpu")
 
 
-def shard_name(rank: int, index: int) -> str:
-    return f"shard-{rank:02d}-{index:06d}.safetensors"
-
-
-def part_name(rank: int) -> str:
-    return f"part-{rank:02d}.json"
-
-
 def hook_dir(out: Path, hook_name: str) -> Path:
+    """The folder of one hook inside a cache folder."""
     return Path(out) / hook_name
 
 
@@ -248,215 +261,6 @@ def _count_contexts(cfg: CacheConfig, tokenizer: Any) -> int | None:
     return n
 
 
-def check_free_disk(path: Path, needed: int) -> None:
-    """UserError if the filesystem of `path` has fewer than `needed` free bytes."""
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed:
-        raise UserError(
-            f"not enough free disk in {probe}: the cache needs {_human(needed)} "
-            f"({needed} bytes), {_human(free)} free"
-        )
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n} B"
-
-
-# -- writing --------------------------------------------------------------------------------
-
-
-class _ShardWriter:
-    """Writes shards on a background thread, so disk time overlaps the next forward pass."""
-
-    def __init__(self, dtype: torch.dtype, metadata: dict[str, str]) -> None:
-        self.dtype = dtype
-        self.metadata = metadata
-        self.queue: queue.Queue[tuple[Path, dict[str, Tensor]] | None] = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
-        self.thread.start()
-
-    def submit(self, path: Path, rows: dict[str, Tensor]) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put((path, rows))
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is not None:
-                continue
-            try:
-                self._write(*item)
-            except BaseException as e:
-                self.error = e
-
-    def _write(self, path: Path, rows: dict[str, Tensor]) -> None:
-        acts = rows["activations"]
-        sum_D, sq_norm = shard_statistics(acts)
-        tensors = {
-            "activations": acts.to(self.dtype),
-            "token_ids": rows["token_ids"],
-            "sequence": rows["sequence"],
-            "position": rows["position"],
-            # Statistics of the float32 activations, per shard, so a resumed run still sums
-            # over every row exactly once.
-            "stat_sum": sum_D,
-            "stat_sq_norm": sq_norm.reshape(1),
-        }
-        needed = sum(t.numel() * t.element_size() for t in tensors.values()) + 4096
-        check_free_disk(path.parent, needed)
-        with atomic_path(path) as tmp:
-            write_safetensors(tmp, tensors, self.metadata)
-
-
-def shard_statistics(acts: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor]:
-    """(sum over rows [D], sum of squared row norms) in float64 accumulators.
-
-    Chunks are summed in float32 and accumulated in float64: as exact as statistics need, and
-    without the full float64 copy of the shard (measured 20x faster than `.double()` first).
-    """
-    sum_D = torch.zeros(acts.shape[1], dtype=torch.float64)
-    sq = torch.zeros((), dtype=torch.float64)
-    for i in range(0, acts.shape[0], chunk):
-        x = acts[i : i + chunk]
-        sum_D += x.sum(0).double()
-        sq += torch.einsum("nd,nd->n", x, x).double().sum()
-    return sum_D, sq
-
-
-_ST_DTYPES = {
-    torch.float32: "F32",
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-}
-
-
-def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file straight from the tensors' memory.
-
-    `safetensors.torch.save_file` first copies every tensor into a Python bytes object; this
-    writes the same format (loadable by `safetensors.safe_open` / `load_file`) with no copy,
-    and with a fixed header order, so the same rows always give the same bytes.
-    """
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    flat = {}
-    for name, t in tensors.items():
-        data = t.detach().contiguous().reshape(-1).view(torch.uint8)
-        header[name] = {
-            "dtype": _ST_DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + data.numel()],
-        }
-        offset += data.numel()
-        flat[name] = data
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
-        for data in flat.values():
-            data.numpy().tofile(fh)
-
-
-class _ShardBuffer:
-    """Rows of one hook waiting for a full shard (float32, so statistics are exact)."""
-
-    def __init__(self, d_in: int, shard_tokens: int) -> None:
-        self.d_in = d_in
-        self.size = shard_tokens
-        self._new()
-
-    def _new(self) -> None:
-        self.acts = torch.empty(self.size, self.d_in, dtype=torch.float32)
-        self.token_ids = torch.empty(self.size, dtype=torch.int32)
-        self.sequence = torch.empty(self.size, dtype=torch.int64)
-        self.position = torch.empty(self.size, dtype=torch.int32)
-        self.fill = 0
-
-    def add(self, acts: Tensor, token_ids: Tensor, sequence: Tensor, position: Tensor) -> int:
-        """Copy as many rows as fit; returns how many were taken."""
-        n = min(self.size - self.fill, acts.shape[0])
-        s = slice(self.fill, self.fill + n)
-        self.acts[s] = acts[:n]
-        self.token_ids[s] = token_ids[:n]
-        self.sequence[s] = sequence[:n]
-        self.position[s] = position[:n]
-        self.fill += n
-        return n
-
-    def take(self) -> dict[str, Tensor]:
-        n = self.fill
-        rows = {
-            "activations": self.acts[:n],
-            "token_ids": self.token_ids[:n],
-            "sequence": self.sequence[:n],
-            "position": self.position[:n],
-        }
-        self._new()
-        return rows
-
-
-def write_part_manifest(folder: Path, rank: int, n_shards: int) -> dict[str, Any]:
-    """Rank `rank`'s shard list and statistic sums, read back from its shard files."""
-    from safetensors import safe_open
-
-    shards, total, stat_sum, sq = [], 0, None, 0.0
-    for i in range(n_shards):
-        with safe_open(str(folder / shard_name(rank, i)), "pt") as f:
-            n = f.get_slice("token_ids").get_shape()[0]
-            s = f.get_tensor("stat_sum")
-            sq += float(f.get_tensor("stat_sq_norm")[0])
-        stat_sum = s if stat_sum is None else stat_sum + s
-        shards.append({"file": shard_name(rank, i), "n_rows": n})
-        total += n
-    part = {
-        "rank": rank,
-        "n_tokens": total,
-        "shards": shards,
-        "stat_sum": [] if stat_sum is None else stat_sum.tolist(),
-        "stat_sq_norm": sq,
-    }
-    atomic_write_json(folder / part_name(rank), part)
-    return part
-
-
-def merge_manifest(folder: Path, base: dict[str, Any], world_size: int) -> bool:
-    """Write manifest.json from all ranks' parts if every rank is done; True if written."""
-    paths = [folder / part_name(r) for r in range(world_size)]
-    if not all(p.is_file() for p in paths):
-        return False
-    parts = [json.loads(p.read_text()) for p in paths]
-    n = sum(p["n_tokens"] for p in parts)
-    sums = [torch.tensor(p["stat_sum"], dtype=torch.float64) for p in parts if p["n_tokens"]]
-    mean = (torch.stack(sums).sum(0) / max(n, 1)).tolist() if sums else []
-    manifest = {
-        **base,
-        "n_tokens": n,
-        "shards": [s for p in parts for s in p["shards"]],
-        "mean": mean,
-        "mean_squared_norm": sum(p["stat_sq_norm"] for p in parts) / max(n, 1),
-    }
-    atomic_write_json(folder / MANIFEST, manifest)
-    return True
-
-
 # -- the run --------------------------------------------------------------------------------
 
 
@@ -539,23 +343,20 @@ def cache_activations(
     p0 = 1 if cfg.drop_bos else 0
     T = cfg.text.context_size
     positions = torch.arange(p0, T, dtype=torch.int32)
-    buffers = {n: _ShardBuffer(widths[n], shard_tokens) for n in names}
-    # One metadata key only: safetensors keeps metadata in a hash map, so with two keys the
-    # header order (and the bytes of a resumed shard) could differ from run to run.
-    writer = _ShardWriter(DTYPES[cfg.dtype], {"format": FORMAT})
-    next_shard = done_shards
+    writer = ShardWriter(DTYPES[cfg.dtype], {"format": FORMAT})
+    shards = ShardBuffers(folders, widths, shard_tokens, rank, done_shards, writer)
     new_rows = 0
     bar = tqdm(total=total, initial=done_rows, unit="tok", unit_scale=True, desc="caching")
+    contexts = context_batches(
+        cfg.text,
+        model.tokenizer,
+        rank=rank,
+        world_size=world,
+        start=skip_contexts,
+        max_contexts=plan.max_contexts,
+    )
     try:
         with ActivationCapture(model, names) as capture:
-            contexts = context_batches(
-                cfg.text,
-                model.tokenizer,
-                rank=rank,
-                world_size=world,
-                start=skip_contexts,
-                max_contexts=plan.max_contexts,
-            )
             # Tokenize on a thread, ahead of the forward pass (issue 4: overhead <= 10%).
             for batch in in_background(contexts, depth=8):
                 acts = capture(batch.tokens.to(device))
@@ -564,51 +365,30 @@ def cache_activations(
                 # max_tokens cuts the end of the global last context, which ends its batch.
                 lo, hi = skip_rows, S * (T - p0)
                 skip_rows = 0
-                if (
-                    plan.max_contexts is not None
-                    and int(batch.sequence[-1]) == plan.max_contexts - 1
-                ):
+                if plan.max_contexts is not None and batch.sequence[-1] == plan.max_contexts - 1:
                     hi -= plan.rows_per_context - plan.last_rows
                 meta = {
                     "token_ids": batch.tokens[:, p0:].reshape(-1)[lo:hi].to(torch.int32),
                     "sequence": batch.sequence[:, None].expand(S, T - p0).reshape(-1)[lo:hi],
                     "position": positions.expand(S, T - p0).reshape(-1)[lo:hi],
                 }
-                rows = {
-                    n: a[:, p0:].reshape(S * (T - p0), -1)[lo:hi].float().cpu()
-                    for n, a in acts.items()
-                }
-                n_rows = max(hi - lo, 0)
-                taken = 0
-                while taken < n_rows:
-                    step = 0
-                    for n in names:
-                        step = buffers[n].add(
-                            rows[n][taken:],
-                            meta["token_ids"][taken:],
-                            meta["sequence"][taken:],
-                            meta["position"][taken:],
-                        )
-                    taken += step
-                    if buffers[names[0]].fill == shard_tokens:
-                        for n in names:
-                            writer.submit(
-                                folders[n] / shard_name(rank, next_shard), buffers[n].take()
-                            )
-                        next_shard += 1
-                new_rows += n_rows
-                bar.update(n_rows)
-        if buffers[names[0]].fill:
-            for n in names:
-                writer.submit(folders[n] / shard_name(rank, next_shard), buffers[n].take())
-            next_shard += 1
+                shards.add(
+                    {
+                        n: a[:, p0:].reshape(S * (T - p0), -1)[lo:hi].float().cpu()
+                        for n, a in acts.items()
+                    },
+                    meta,
+                )
+                new_rows += max(hi - lo, 0)
+                bar.update(max(hi - lo, 0))
+        shards.flush()
     finally:
         bar.close()
         writer.close()
 
     held = 0
     for n in names:
-        held = write_part_manifest(folders[n], rank, next_shard)["n_tokens"]
+        held = write_part_manifest(folders[n], rank, shards.next_index)["n_tokens"]
         merged = merge_manifest(folders[n], bases[n], world)
     if world > 1 and not merged:
         logger.info("rank %d done; the last rank to finish writes the merged manifest", rank)

@@ -32,8 +32,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from activations.cache import CONFIG_FILE, DTYPES, MANIFEST, part_name
+from activations.cache import CONFIG_FILE, DTYPES
 from activations.prefetch import in_background
+from activations.shards import MANIFEST, part_name
 from sae.errors import UserError
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
