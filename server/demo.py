@@ -1,0 +1,258 @@
+"""`sae demo`: the main job end to end on the bundled model and corpus (issue 8).
+
+    cache (MLP activations) -> train relu+resampling and topk in one sweep -> analyze both
+    -> compare them (feature splitting) -> report -> serve the web feature browser
+
+The demo composes the public subcommands (`sae cache`, `sae train`, `sae analyze`,
+`sae compare`, `sae serve`) exactly as a user would type them, so it knows none of their
+internals and each step's output folder is the one those commands document. Every step is
+resumable: run it again after an interruption and finished steps are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sae.dataclass_cli import add_dataclass_args, dataclass_from_args
+from sae.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# The two members of the sweep: the "Towards Monosemanticity" recipe and a TopK dictionary.
+MEMBERS = ("relu_l1", "topk_auxk")
+
+
+@dataclass
+class DemoConfig:
+    """What `sae demo` runs; defaults reproduce the README's numbers."""
+
+    out: Path = Path("demo_out")
+    """Folder for every artefact (cache, run, feature stores, report)."""
+    model: str = "stdlib-1l-512"
+    """Language model: the bundled one-layer, 512-neuron-MLP model by default."""
+    hook: str = "blocks.0.mlp.hook_post"
+    """Hook to cache and train on (the 512 MLP neurons, as in Towards Monosemanticity)."""
+    tokens: int = 2_000_000
+    """Tokens of activations to cache."""
+    context_size: int = 128
+    """Tokens per context (BOS included) when caching and analysing."""
+    train_tokens: int = 2_000_000
+    """Tokens each dictionary trains on (read once for the whole sweep)."""
+    d_sae: int = 4096
+    """Features per dictionary (8x the 512 neurons: Anthropic's smallest run)."""
+    k: int = 32
+    """Active features per token of the topk dictionary."""
+    l1_coefficient: float = 5.0
+    """L1 coefficient of the relu dictionary."""
+    batch_size: int = 4096
+    """Activations per training step."""
+    eval_contexts: int = 64
+    """Contexts for the loss-recovered evaluation."""
+    analysis_tokens: int = 200_000
+    """Validation tokens run through model and dictionary by `sae analyze`."""
+    show: int = 3
+    """Features of each dictionary printed in the report."""
+    serve: bool = True
+    """Serve the web feature browser at the end (Ctrl-C stops it)."""
+    host: str = "127.0.0.1"
+    """Address to serve on."""
+    port: int = 8000
+    """Port to serve on."""
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "train_tokens", "d_sae", "k", "batch_size", "analysis_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "demo",
+        help="the whole pipeline on the bundled model: cache, train, analyze, compare, serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML or JSON file of options; flags override it")
+    add_dataclass_args(p, DemoConfig)
+    p.set_defaults(func=run)
+    return p
+
+
+def _sae(*argv: str) -> None:
+    """Run one `sae` subcommand in this process; a failure stops the demo with its message."""
+    from sae.cli import main
+
+    logger.info("$ sae %s", shlex.join(argv))
+    code = main(list(argv))
+    if code != 0:
+        raise UserError(f"step `sae {argv[0]}` failed (exit {code}); fix it and run demo again")
+
+
+def _step(name: str, done: bool, timings: dict[str, float]) -> bool:
+    """True if the step must run; logs skips of finished steps."""
+    if done:
+        logger.info("%s: already done, skipping", name)
+    timings.setdefault(name, 0.0)
+    return not done
+
+
+def run_pipeline(cfg: DemoConfig) -> dict[str, Any]:
+    """Cache, train, analyze and compare; returns the report as data (also saved as JSON)."""
+    out = cfg.out
+    cache, run_dir = out / "cache", out / "train"
+    dicts = {m: run_dir / f"name={m}" for m in MEMBERS}  # sweep member folders
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    if _step("cache", (cache / "cache_config.json").is_file() and _cache_complete(cache), timings):
+        _sae("cache", "--out", str(cache), "--model", cfg.model, "--hooks", cfg.hook,
+             "--max-tokens", str(cfg.tokens), "--text.context-size", str(cfg.context_size))  # fmt: skip
+    timings["cache"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if _step("train", all((d / "cfg.json").is_file() for d in dicts.values()), timings):
+        resume = ["--resume"] if (run_dir / "checkpoint").exists() else []
+        _sae("train", "--cache", str(cache), "--out-dir", str(run_dir),
+             "--dictionary.d-sae", str(cfg.d_sae), "--total-tokens", str(cfg.train_tokens),
+             "--batch-size", str(cfg.batch_size), "--objective.k", str(cfg.k),
+             "--objective.l1-coefficient", str(cfg.l1_coefficient),
+             "--sweep", "objective.name=" + ",".join(MEMBERS),
+             "--eval-contexts", str(cfg.eval_contexts), *resume)  # fmt: skip
+    timings["train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    for d in dicts.values():
+        if _step(f"analyze {d.name}", (d / "analysis" / "features.sqlite").is_file(), timings):
+            _sae(
+                "analyze",
+                str(d),
+                "--model",
+                cfg.model,
+                "--tokens",
+                str(cfg.analysis_tokens),
+                "--context-size",
+                str(cfg.context_size),
+            )
+    timings["analyze"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    a, b = dicts["relu_l1"], dicts["topk_auxk"]
+    compare_json = a / "analysis" / f"compare-{b.name}.json"
+    if _step("compare", compare_json.is_file(), timings):
+        _sae("compare", str(a), str(b), "--model", cfg.model, "--out", str(compare_json),
+             "--tokens", str(min(cfg.analysis_tokens, 100_000)), "--show", "0",
+             "--context-size", str(cfg.context_size))  # fmt: skip
+    timings["compare"] = time.perf_counter() - t
+
+    report = build_report(cfg, run_dir, dicts, compare_json, timings)
+    from sae.atomic import atomic_write_json
+
+    atomic_write_json(out / "report.json", report)
+    return report
+
+
+def _cache_complete(cache: Path) -> bool:
+    # `sae cache` resumes by itself; a finished cache answers "0 new tokens" quickly, but
+    # loading the model for that costs seconds, so trust the manifest when it is there.
+    return any(cache.glob("*/manifest.json"))
+
+
+def _last_metrics(run_dir: Path) -> dict[str, dict[str, float]]:
+    """Latest value of each metric per sweep member, from the run's metrics.jsonl."""
+    latest: dict[str, dict[str, float]] = {}
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return latest
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        member = rec.pop("member", None)
+        if member is not None:
+            latest.setdefault(member, {}).update(
+                {k: v for k, v in rec.items() if isinstance(v, int | float)}
+            )
+    return latest
+
+
+def build_report(
+    cfg: DemoConfig,
+    run_dir: Path,
+    dicts: dict[str, Path],
+    compare_json: Path,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    from activations.analyze import format_feature, pick_features
+    from sae.store import FeatureStore
+
+    metrics = _last_metrics(run_dir)
+    report: dict[str, Any] = {"timings_s": timings, "dictionaries": {}}
+    for member, path in dicts.items():
+        m = metrics.get(path.name, {})
+        with FeatureStore.open(path / "analysis", readonly=True) as store:
+            cards = [format_feature(store, fid) for fid in pick_features(store, cfg.show)]
+        report["dictionaries"][member] = {
+            "path": str(path),
+            "explained_variance": 1.0 - m["fvu"] if "fvu" in m else None,
+            "l0": m.get("l0"),
+            "dead_fraction": m.get("dead_fraction"),
+            "loss_recovered": m.get("eval/loss_recovered"),
+            "features": cards,
+        }
+    if compare_json.is_file():
+        report["comparison"] = json.loads(compare_json.read_text()).get("summary", {})
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    lines = ["", "=" * 72, "demo report", "=" * 72]
+    lines.append(
+        f"{'dictionary':<12} {'explained var':>14} {'L0':>8} {'dead':>8} {'loss rec.':>10}"
+    )
+    for name, d in report["dictionaries"].items():
+        l0 = "n/a" if d["l0"] is None else f"{d['l0']:.1f}"
+        lines.append(
+            f"{name:<12} {pct(d['explained_variance']):>14} {l0:>8} "
+            f"{pct(d['dead_fraction']):>8} {pct(d['loss_recovered']):>10}"
+        )
+    if report.get("comparison"):
+        summary = ", ".join(f"{k} {v:.3g}" for k, v in report["comparison"].items())
+        lines.append(f"relu vs topk (feature splitting / universality): {summary}")
+    for name, d in report["dictionaries"].items():
+        lines += ["", f"--- a few {name} features ---", *d["features"]]
+    t = report["timings_s"]
+    lines.append("")
+    lines.append("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items() if v > 0))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = dataclass_from_args(DemoConfig, args, args.config)
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
+    start = time.perf_counter()
+    report = run_pipeline(cfg)
+    print(format_report(report))
+    print(
+        f"pipeline finished in {time.perf_counter() - start:.0f} s; report: {cfg.out}/report.json"
+    )
+    sys.stdout.flush()
+    if cfg.serve:
+        print(f"feature browser: http://{cfg.host}:{cfg.port}/  (Ctrl-C to stop)", flush=True)
+        _sae("serve", *(str(p) for p in report_paths(report)), "--host", cfg.host,
+             "--port", str(cfg.port))  # fmt: skip
+    return 0
+
+
+def report_paths(report: dict[str, Any]) -> list[str]:
+    return [d["path"] for d in report["dictionaries"].values()]
