@@ -271,7 +271,7 @@ class AppliedIntervention(BaseModel):
     unit: float | None = Field(description="Activation units per strength unit (add only).")
     unit_source: UnitSource = Field(
         description="Where the unit came from: the feature's max activation in analysis, or, "
-        "without analysis, mean prompt-activation norm / ||W_dec[i]||; `raw` for clamp."
+        "without analysis (or if the feature never fired in it), mean prompt-activation norm / ||W_dec[i]||; `raw` for clamp."
     )
 
 

@@ -118,6 +118,11 @@ def top_features(state: AppState, req: TopFeaturesRequest) -> TopFeaturesRespons
     )
 
 
+def _max_act(sd: ServedDictionary, fid: int) -> float:
+    assert sd.store is not None
+    return sd.store.feature(fid).max_act
+
+
 @torch.no_grad()
 def steer(state: AppState, req: SteerRequest) -> SteerResponse:
     """Baseline and steered continuations of the prompt, same decoding and seed."""
@@ -134,10 +139,9 @@ def steer(state: AppState, req: SteerRequest) -> SteerResponse:
         unit: float | None = None
         if iv.mode == "clamp":
             source = "raw"
-        elif sd.has_analysis():
-            assert sd.store is not None
-            unit, source = sd.store.feature(fid).max_act, "analysis_max_activation"
-        else:
+        elif sd.has_analysis() and (max_act := _max_act(sd, fid)) > 0:
+            unit, source = max_act, "analysis_max_activation"
+        else:  # no analysis, or the feature never fired in it (a unit of 0 would do nothing)
             unit, source = prompt_norm_unit(model, prompt, sd.dictionary, fid), "prompt_norm"
         steers.append(
             Steer(sd.dictionary, fid, iv.mode, iv.strength, 1.0 if unit is None else unit)
@@ -152,15 +156,13 @@ def steer(state: AppState, req: SteerRequest) -> SteerResponse:
             )
         )
     _bos, eos = special_ids(model.tokenizer)
-    decode = dict(
-        max_new_tokens=req.max_new_tokens,
-        temperature=req.temperature,
-        top_k=req.top_k,
-        seed=req.seed,
-        stop_ids=(eos,),
-    )
-    baseline = generate(model, prompt, [], **decode)  # type: ignore[arg-type]
-    steered = generate(model, prompt, steering_hooks(steers), **decode)  # type: ignore[arg-type]
+
+    def run(hooks: list[Any]) -> list[int]:  # the same decoding and seed for both
+        return generate(
+            model, prompt, hooks, req.max_new_tokens, req.temperature, req.top_k, req.seed, (eos,)
+        )
+
+    baseline, steered = run([]), run(steering_hooks(steers))
 
     def completion(ids: list[int]) -> Completion:
         return Completion(

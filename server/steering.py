@@ -5,7 +5,7 @@ Two interventions, applied at every position of every forward pass:
 - `add`:   x' = x + strength · unit · W_dec[i]. `unit` is the feature's max activation from
   analysis, so strength 1 means "as strongly as the feature ever fired" whatever the
   dictionary (Neuronpedia's raw strengths mean nothing across dictionaries; issue 7). Without
-  analysis the unit is mean_t ||x_t|| / ||W_dec[i]|| over the prompt: strength 1 adds a
+  analysis (or for a feature that never fired in it) the unit is mean_t ||x_t|| / ||W_dec[i]|| over the prompt: strength 1 adds a
   vector as long as a typical activation.
 - `clamp`: set the feature to a value while keeping the dictionary's reconstruction error,
   x' = x + (v - f_i(x)) · W_dec[i]  (Templeton et al. 2024, "Scaling Monosemanticity", the
