@@ -147,6 +147,7 @@ class CachedActivations:
             )
         self.epoch = 0
         self.position = 0
+        self._rows_per_epoch: int | None = None
 
     # -- the deterministic order -----------------------------------------------------------
     def _epoch_chunks(self, epoch: int, rank: int) -> list[_Chunk]:
@@ -171,6 +172,11 @@ class CachedActivations:
         """Rows this rank yields per epoch."""
         if self.world_size == 1:
             return self.n_rows
+        if self._rows_per_epoch is None:
+            self._rows_per_epoch = self._equal_share()
+        return self._rows_per_epoch
+
+    def _equal_share(self) -> int:
         # Equal full batches on every rank (DDP steps must match); the chunk split differs
         # per epoch, so take the smallest share over epochs and ranks.
         least = min(
