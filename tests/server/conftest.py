@@ -90,7 +90,7 @@ def dict_dirs(served_lm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
-def test_settings(dict_dirs: dict[str, Path], **over: Any) -> Any:
+def make_settings(dict_dirs: dict[str, Path], **over: Any) -> Any:
     from server.settings import ServerSettings
 
     values: dict[str, Any] = dict(
@@ -106,14 +106,11 @@ def test_settings(dict_dirs: dict[str, Path], **over: Any) -> Any:
     return ServerSettings(**values)
 
 
-test_settings.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
-
-
 @pytest.fixture(scope="session")
 def state(dict_dirs: dict[str, Path]) -> Any:
     from server.deps import load_state
 
-    return load_state(test_settings(dict_dirs))
+    return load_state(make_settings(dict_dirs))
 
 
 @contextlib.contextmanager

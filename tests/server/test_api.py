@@ -449,9 +449,9 @@ def test_openapi_and_browser_page(client: httpx.Client) -> None:
 def test_app_loads_its_state_in_the_lifespan(dict_dirs: Any) -> None:
     """create_app(settings): models, dictionaries and stores load at start-up, close at exit."""
     from server.app import create_app
-    from tests.server.conftest import running_server, test_settings
+    from tests.server.conftest import make_settings, running_server
 
-    app = create_app(test_settings(dict_dirs, dictionaries=[f"only={dict_dirs['mlp0']}"]))
+    app = create_app(make_settings(dict_dirs, dictionaries=[f"only={dict_dirs['mlp0']}"]))
     with running_server(app) as url, httpx.Client(base_url=url) as c:
         assert c.get("/readyz").json()["dictionaries"] == 1
         assert c.get("/api/features/only/1").json()["stats"] is not None
