@@ -76,6 +76,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 CONFIG_FILE = "cache_config.json"
+COUNT_FILE = "n_contexts.json"
 SHARD_TARGET_BYTES = 128 * 2**20
 """Auto shard size: about this many bytes of activations for the widest hook."""
 META_BYTES_PER_ROW = 4 + 8 + 4
@@ -201,11 +202,12 @@ def _prepare_out(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> Non
             )
         for name in old.get("hooks", []):
             shutil.rmtree(hook_dir(out, name), ignore_errors=True)
+        (out / COUNT_FILE).unlink(missing_ok=True)
         config_path.unlink()
     elif out.exists():
         # Another rank of the same torchrun job may be a moment ahead: its hook folders and
         # temporary files are expected here, anything else is someone else's data.
-        ours = set(fingerprint["hooks"])
+        ours = {*fingerprint["hooks"], COUNT_FILE}
         foreign = [
             p.name
             for p in out.iterdir()
@@ -248,16 +250,25 @@ def _rank_rows(plan: _Plan, n_contexts: int, rank: int, world: int) -> int:
 
 
 def _count_contexts(cfg: CacheConfig, tokenizer: Any) -> int | None:
-    """Contexts in the whole split, by a tokenize-only pass, for a local or bundled source."""
+    """Contexts in the whole split, by a tokenize-only pass, for a local or bundled source.
+
+    Needed for an exact free-disk check and an ETA when no max_tokens is given. The count is
+    kept in the cache folder, so a resumed run does not tokenize everything twice more.
+    """
     if cfg.text.dataset != "bundled" and not Path(cfg.text.dataset).expanduser().exists():
         return None  # a hub dataset: counting means downloading it
+    saved = Path(cfg.out) / COUNT_FILE
+    if saved.is_file():
+        return int(json.loads(saved.read_text())["n_contexts"])
     from tqdm import tqdm
 
+    logger.info("counting the dataset's contexts first (pass --max-tokens to skip this)")
     n = 0
     for _ in tqdm(
         iter_contexts(cfg.text, tokenizer), desc="counting contexts", unit="ctx", leave=False
     ):
         n += 1
+    atomic_write_json(saved, {"n_contexts": n})
     return n
 
 

@@ -258,6 +258,13 @@ def test_whole_split_without_max_tokens_and_rank_from_the_torchrun_env(
 
     with pytest.raises(UserError, match=r"incomplete \(rank\(s\) \[0\]"):
         CachedActivations(tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "n_contexts.json").read_text()) == {
+        "n_contexts": n_contexts
+    }
+    monkeypatch.setenv("RANK", "0")
+    rank0 = cache_activations(cfg, model=tiny_model)
+    assert rank0.n_tokens + result.n_tokens == n_contexts * 15
+    assert CachedActivations(tmp_path / "c").n_rows == n_contexts * 15  # one merged cache
 
 
 def load_hook_part(folder: Path, rank: int) -> dict[str, torch.Tensor]:
