@@ -78,15 +78,6 @@ def density_summary(density: Float[Tensor, " F"], dense_threshold: float = 0.1) 
     }
 
 
-def density_histogram(density: Float[Tensor, " F"], bins: int = 40) -> tuple[list, list]:
-    """Histogram of log10 feature density (dead features are counted in the lowest bin)."""
-    log_d = torch.log10(density.clamp_min(1e-10)).numpy()
-    import numpy as np
-
-    counts, edges = np.histogram(log_d, bins=bins, range=(-10.0, 0.0))
-    return counts.tolist(), edges.tolist()
-
-
 @dataclass
 class EvalResult:
     """A dictionary measured on held-out activation batches."""
