@@ -29,8 +29,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    "else the bundled model)")  # fmt: skip
     p.add_argument("--text", default="bundled", help="text source: 'bundled', a local file "
                    "or folder, or a Hugging Face dataset name (default: bundled)")  # fmt: skip
-    p.add_argument("--split", default="validation",
-                   help="dataset split (default: validation; local files only have train)")  # fmt: skip
+    p.add_argument("--split", help="dataset split (default: validation for the bundled "
+                   "corpus, held out from training; train otherwise)")  # fmt: skip
     p.add_argument("--context-size", type=int,
                    help="tokens per context (default: 128, or the model's context if shorter)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass")
@@ -100,9 +100,7 @@ def _text_config(args: argparse.Namespace, model: Any) -> Any:
     context_size = args.context_size or min(128, n_ctx)
     if context_size > n_ctx:
         raise UserError(f"--context-size {context_size} exceeds the model's context {n_ctx}")
-    split = args.split
-    if args.text != "bundled" and Path(args.text).expanduser().exists() and split == "validation":
-        split = "train"  # local files have one split
+    split = args.split or ("validation" if args.text == "bundled" else "train")
     try:
         return TextConfig(dataset=args.text, split=split, context_size=context_size,
                           batch_size=args.batch_size)  # fmt: skip
