@@ -271,3 +271,30 @@ def load_hook_part(folder: Path, rank: int) -> dict[str, torch.Tensor]:
     part = json.loads((folder / f"part-{rank:02d}.json").read_text())
     shards = [load_file(folder / s["file"]) for s in part["shards"]]
     return {k: torch.cat([s[k] for s in shards]) for k in ("activations", "sequence")}
+
+
+def test_our_safetensors_writer_reads_back_with_the_safetensors_library(tmp_path):
+    from safetensors import safe_open
+
+    from activations.shards import shard_statistics, write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 7, generator=g) * 3 + 1
+    tensors = {
+        "activations": x.bfloat16(),
+        "f16": x.half(),
+        "f32": x,
+        "token_ids": torch.arange(1000, dtype=torch.int32),
+        "sequence": torch.arange(1000),
+        "empty": torch.zeros(0, 7),
+    }
+    write_safetensors(tmp_path / "a.safetensors", tensors, {"format": "x"})
+    back = load_file(tmp_path / "a.safetensors")
+    assert set(back) == set(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t)
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "x"}
+    sum_D, sq = shard_statistics(x, chunk=64)  # chunked float32 vs plain float64
+    assert torch.allclose(sum_D, x.double().sum(0), rtol=1e-6)  # float32 partial sums
+    assert float(sq) == pytest.approx(float(x.double().pow(2).sum()), rel=1e-6)
