@@ -217,13 +217,33 @@ def unigram_entropy(contexts: Int[torch.Tensor, "B S"], vocab_size: int) -> floa
 def greedy_sample(
     model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, prompt: str, n: int = 32
 ) -> str:
-    """The prompt continued by n greedy tokens (BOS-prefixed, as in training)."""
+    """The prompt continued by n greedy tokens (BOS-prefixed, as in training), with token
+    healing: the prompt's last token is dropped and the first generated token must extend the
+    prompt's text. GPT-2-style pre-tokenization attaches a space to the *following* word, so
+    "def " ends in a lone space token that training text rarely shows before a name; healing
+    lets the model pick " name" instead (the "token healing" of Microsoft's guidance library).
+    """
     model.eval()
     device = next(model.parameters()).device
     ids = [tokenizer.bos_token_id, *tokenizer.encode(prompt, add_special_tokens=False)]
+    allowed: torch.Tensor | None = None
+    if len(ids) > 1:
+        tail = str(tokenizer.decode(ids[-1:], clean_up_tokenization_spaces=False))
+        ids.pop()
+        pieces = tokenizer.batch_decode(
+            [[i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False
+        )
+        special = set(tokenizer.all_special_ids)
+        allowed = torch.tensor(
+            [p.startswith(tail) and i not in special for i, p in enumerate(pieces)], device=device
+        )
     for _ in range(n):
         window = torch.tensor([ids[-model.config.n_positions :]], device=device)
-        ids.append(int(model(input_ids=window).logits[0, -1].argmax()))
+        logits = model(input_ids=window).logits[0, -1]
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed[: len(logits)], float("-inf"))
+            allowed = None
+        ids.append(int(logits.argmax()))
     return str(tokenizer.decode(ids[1:], clean_up_tokenization_spaces=False))
 
 
