@@ -21,9 +21,9 @@ from sae.base import Dictionary
 from sae.errors import UserError
 from sae.store import DB_NAME, FeatureStore, resolve_store_dir
 from server.errors import ApiError, not_found
-from server.inference import ModelQueue
 from server.schemas import ADDRESS_RE, DictionaryInfo
 from server.settings import ServerSettings, spec_name, spec_path
+from server.worker import ModelQueue
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ class AppState:
     """Per-client quota on model requests; None when `rate_limit` is 0."""
 
     def close(self) -> None:
+        self.queue.close()
         for sd in self.dictionaries.values():
             if sd.store is not None:
                 sd.store.close()

@@ -17,8 +17,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sae.errors import UserError
-from server.inference import Busy, LimitExceeded
+from server.inference import LimitExceeded
 from server.schemas import ErrorBody, ErrorInfo
+from server.worker import Busy
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,10 @@ without special tokens, so positions mean the same thing as in the stored exampl
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
 import torch
 from jaxtyping import Float, Int
-from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
 from activations.analysis import LogitEffects, logit_effects, residual_directions
@@ -29,10 +26,6 @@ T = TypeVar("T")
 
 class LimitExceeded(UserError):
     """A request is larger than the service allows (prompt tokens, batch, new tokens)."""
-
-
-class Busy(Exception):
-    """Too many model jobs are waiting; the client should retry later."""
 
 
 class EncodedText(NamedTuple):
@@ -93,35 +86,6 @@ def feature_logit_effects(
     hook_name = dictionary.cfg.hook_name or ""
     W = dictionary.W_dec[feature_id : feature_id + 1]
     return logit_effects(model, hook_name, W.to(model.W_U.device), k)
-
-
-class ModelQueue:
-    """Serialises model work in worker threads and bounds how many jobs may wait.
-
-    One lock for all models, and it is required, not only faster: steering installs its hooks
-    on the model object for the length of a generation, so two forward passes must never
-    overlap. (On a CPU torch already uses every core for one pass; on a GPU the lock also
-    bounds memory.) Feature reads that only read weights (logit effects) need no lock. The
-    counter is only touched on the event loop thread, so it needs no lock of its own.
-    """
-
-    def __init__(self, max_waiting: int) -> None:
-        self.max_waiting = max_waiting
-        self.pending = 0
-        self._lock = threading.Lock()
-
-    def _locked(self, fn: Callable[..., T], *args: Any) -> T:
-        with self._lock:
-            return fn(*args)
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self.pending >= self.max_waiting:
-            raise Busy(f"{self.pending} model jobs are queued; retry shortly")
-        self.pending += 1
-        try:
-            return await run_in_threadpool(self._locked, fn, *args)
-        finally:
-            self.pending -= 1
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
-"""Requests about new text: feature activations, the top features, steering. Each function is
-synchronous model work; routers hand it to `ModelQueue.run` so it runs in a worker thread,
-one job at a time, never on the event loop."""
+"""Requests about new text: feature activations, the top features, steering. Synchronous
+functions, never run on the event loop: activations and top features run in the threadpool
+and get their forward pass from the model worker, batched with concurrent requests
+(`ModelQueue.activations`); steering runs alone on the worker thread (server/worker.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from activations.text import special_ids
 from server.deps import AppState, ServedDictionary
 from server.errors import ApiError
-from server.inference import LimitExceeded, encode_text, hook_activations, token_strings, tokenize
+from server.inference import LimitExceeded, token_strings, tokenize
 from server.schemas import (
     ActivationsRequest,
     ActivationsResponse,
@@ -53,13 +54,16 @@ def activations(state: AppState, req: ActivationsRequest) -> ActivationsResponse
     model = _one_model(state, [sd for sd, _ in resolved])
     s = state.settings
     ids = tokenize(model, req.text, s.max_prompt_tokens, s.prepend_bos)
-    acts: dict[str, torch.Tensor] = {}  # one forward pass + encode per dictionary
+    xs: dict[str, torch.Tensor] = {}  # one forward pass per hook, one encode per dictionary
+    acts: dict[str, torch.Tensor] = {}
     traces = []
     for sd, fid in resolved:
+        d = sd.dictionary
+        hook = d.cfg.hook_name or ""
+        if hook not in xs:
+            xs[hook] = state.queue.activations(model, hook, ids)
         if sd.name not in acts:
-            x = hook_activations(model, ids, sd.dictionary.cfg.hook_name or "")
-            d = sd.dictionary
-            acts[sd.name] = d.encode(x.to(d.device, d.dtype)).float().cpu()
+            acts[sd.name] = d.encode(xs[hook].to(d.device, d.dtype)).float().cpu()
         values = acts[sd.name][:, fid]
         traces.append(
             FeatureTrace(
@@ -78,10 +82,11 @@ def top_features(state: AppState, req: TopFeaturesRequest) -> TopFeaturesRespons
     s = state.settings
     if req.limit > s.max_page:
         raise LimitExceeded(f"limit {req.limit}; the limit is {s.max_page}")
-    enc = encode_text(
-        state.model_for(sd), sd.dictionary, req.text, s.max_prompt_tokens, s.prepend_bos
-    )
-    f = enc.feature_acts  # [T, F]
+    model = state.model_for(sd)
+    d = sd.dictionary
+    ids = tokenize(model, req.text, s.max_prompt_tokens, s.prepend_bos)
+    x = state.queue.activations(model, d.cfg.hook_name or "", ids)
+    f = d.encode(x.to(d.device, d.dtype)).float().cpu()  # [T, F]
     k = min(req.k, f.shape[1])
     top = f.topk(k, dim=-1)
     per_token = [
@@ -111,8 +116,8 @@ def top_features(state: AppState, req: TopFeaturesRequest) -> TopFeaturesRespons
         )
     return TopFeaturesResponse(
         dictionary=sd.name,
-        tokens=enc.tokens,
-        token_ids=enc.token_ids.tolist(),
+        tokens=token_strings(model, ids.tolist()),
+        token_ids=ids.tolist(),
         per_token=per_token,
         overall=overall,
     )

@@ -25,7 +25,7 @@ router = APIRouter(prefix="/api", tags=["text"])
     dependencies=[Depends(require_read), Depends(model_quota)],
 )
 async def activations(state: StateDep, req: ActivationsRequest) -> ActivationsResponse:
-    return await state.queue.run(service.activations, state, req)
+    return await state.queue.run_in_pool(service.activations, state, req)
 
 
 @router.post(
@@ -35,7 +35,7 @@ async def activations(state: StateDep, req: ActivationsRequest) -> ActivationsRe
     dependencies=[Depends(require_read), Depends(model_quota)],
 )
 async def top_features(state: StateDep, req: TopFeaturesRequest) -> TopFeaturesResponse:
-    return await state.queue.run(service.top_features, state, req)
+    return await state.queue.run_in_pool(service.top_features, state, req)
 
 
 @router.post(

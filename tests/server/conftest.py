@@ -143,7 +143,7 @@ def serve_state(state: Any, **settings_over: Any) -> contextlib.AbstractContextM
     """A server over the already loaded `state`, with some settings changed."""
     from server.app import create_app
     from server.deps import RateLimiter
-    from server.inference import ModelQueue
+    from server.worker import ModelQueue
 
     settings = dataclasses.replace(state.settings, **settings_over)
     queue = ModelQueue(settings.max_queue)

@@ -370,17 +370,18 @@ def test_rate_limit_answers_429(state: Any) -> None:
 
 
 def test_queue_full_answers_503(state: Any) -> None:
-    """Back-pressure: with max_queue=1 and the model busy, a second job is refused at once."""
+    """Back-pressure: with max_queue=1 and the model busy, a second request is refused at once."""
     import dataclasses
 
     from server.app import create_app
-    from server.inference import ModelQueue
+    from server.worker import ModelQueue
     from tests.server.conftest import running_server
 
     queue = ModelQueue(1)
     busy_state = dataclasses.replace(state, queue=queue)
     body = {"text": "a", "features": ["mlp0/1"]}
-    queue._lock.acquire()  # the model is busy
+    release = threading.Event()
+    queue.submit(release.wait)  # the model worker is busy
     try:
         with (
             running_server(create_app(state=busy_state)) as url,
@@ -398,15 +399,67 @@ def test_queue_full_answers_503(state: Any) -> None:
             r = c.post("/api/activations", json=body)
             assert_error(r, 503, "busy")
             assert r.headers["retry-after"] == "1"
-            queue._lock.release()
+            release.set()
             t.join(timeout=30)
             assert first["r"].status_code == 200
     finally:
-        if queue._lock.locked():
-            queue._lock.release()
+        release.set()
+        queue.close()
 
 
-def test_concurrent_requests_agree(client: httpx.Client, base_url: str) -> None:
+def test_concurrent_requests_are_batched_and_agree(state: Any) -> None:
+    """Requests that arrive while the worker is busy share one forward pass, and each gets
+    exactly what it would get alone (right padding is exact for a causal model)."""
+    import dataclasses
+
+    from server.app import create_app
+    from server.worker import ModelQueue
+    from tests.server.conftest import running_server
+
+    texts = [TEXT, "x = 1\n", "def f(a):\n    return a * 2\n", "import sys"]
+    alone = {}
+    queue = ModelQueue(16)
+    batched_state = dataclasses.replace(state, queue=queue)
+    release = threading.Event()
+    try:
+        with running_server(create_app(state=batched_state)) as url:
+            with httpx.Client(base_url=url, timeout=60) as c:
+                for t in texts:
+                    alone[t] = c.post(
+                        "/api/activations", json={"text": t, "features": ["mlp0/3", "bare/4"]}
+                    ).json()
+            assert queue.batches == len(texts) == queue.batched_jobs
+            queue.submit(release.wait)
+
+            def post(t: str) -> Any:
+                with httpx.Client(base_url=url, timeout=60) as c:
+                    return c.post(
+                        "/api/activations", json={"text": t, "features": ["mlp0/3", "bare/4"]}
+                    ).json()
+
+            with ThreadPoolExecutor(len(texts)) as pool:
+                futures = [pool.submit(post, t) for t in texts]
+                for _ in range(500):  # every request waits at the worker
+                    if queue.pending == len(texts):
+                        break
+                    threading.Event().wait(0.01)
+                threading.Event().wait(0.2)
+                release.set()
+                results = [f.result() for f in futures]
+            # Both dictionaries read the same hook: one activation job per request, and all
+            # four jobs, queued behind the busy worker, ran as one forward pass.
+            assert queue.batched_jobs == 2 * len(texts)
+            assert queue.batches == len(texts) + 1
+        for t, r in zip(texts, results, strict=True):
+            assert r["tokens"] == alone[t]["tokens"]
+            for got, want in zip(r["features"], alone[t]["features"], strict=True):
+                assert got["values"] == pytest.approx(want["values"], abs=1e-5)
+    finally:
+        release.set()
+        queue.close()
+
+
+def test_concurrent_reads_and_text_agree(client: httpx.Client, base_url: str) -> None:
     body = {"text": TEXT, "features": ["mlp0/3", "bare/4"]}
     want = client.post("/api/activations", json=body).json()
 
