@@ -68,6 +68,8 @@ def configs(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d-in", type=int, default=SYNTHETIC.d_in)
+    parser.add_argument("--n-features", type=int, default=SYNTHETIC.n_features)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--d-sae", type=int, default=256, help="dictionary size (2x true)")
@@ -81,7 +83,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    syn = SYNTHETIC
+    syn = dataclasses.replace(SYNTHETIC, d_in=args.d_in, n_features=args.n_features)
     stream = SyntheticActivations(syn, args.batch)
     held_out = SyntheticActivations(
         syn, args.batch, n_batches=max(1, args.eval_tokens // args.batch), offset=10**9

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from sae.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -82,3 +84,24 @@ def all_reduce_(tensor: Tensor, info: DistInfo, op: str = "sum") -> Tensor:
     if info.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return tensor
+
+
+def resolve_device(name: str, dist: DistInfo) -> torch.device:
+    """auto -> cuda > mps > cpu; under torchrun each process takes cuda:LOCAL_RANK."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("device cuda requested but no CUDA device is available")
+        if device.index is None:
+            device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device mps requested but MPS is not available")
+    return device

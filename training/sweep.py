@@ -13,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import typing
+from collections.abc import Sequence
 from typing import Any
 
+from sae.errors import UserError
 from training.config import RUN_LEVEL_FIELDS, TrainConfig
 
 
@@ -86,3 +88,13 @@ def expand_grid(base: TrainConfig, grid: dict[str, list[Any]]) -> list[tuple[str
         name = "-".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, values, strict=True))
         out.append((name, cfg))
     return out
+
+
+def check_sweep(cfgs: Sequence[TrainConfig]) -> None:
+    """Members of one pass must agree on everything that describes the pass itself."""
+    for c in cfgs[1:]:
+        for name in RUN_LEVEL_FIELDS:
+            if getattr(c, name) != getattr(cfgs[0], name):
+                raise UserError(f"sweep members differ in run-level option {name!r}")
+        if c.dictionary.init_tokens != cfgs[0].dictionary.init_tokens:
+            raise UserError("sweep members differ in run-level option 'dictionary.init_tokens'")

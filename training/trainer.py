@@ -14,10 +14,7 @@ an uninterrupted run would have seen.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
-import signal
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +28,14 @@ from sae.base import Dictionary
 from sae.dataclass_cli import to_dict
 from sae.errors import UserError
 from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from training.config import RUN_LEVEL_FIELDS, TrainConfig
-from training.distributed import DistInfo, all_reduce_, init_from_env, shard
+from training.config import TrainConfig
+from training.distributed import all_reduce_, init_from_env, resolve_device, shard
 from training.evals import density_summary
 from training.initialization import input_scale
 from training.member import Member
 from training.metrics import MetricsLogger, to_float, truncate_metrics
+from training.signals import StopOnSignal
+from training.sweep import check_sweep
 
 logger = logging.getLogger(__name__)
 
@@ -66,36 +65,6 @@ class TrainResult:
         if len(self.dictionaries) != 1:
             raise ValueError(f"{len(self.dictionaries)} dictionaries; index .dictionaries")
         return next(iter(self.dictionaries.values()))
-
-
-def resolve_device(name: str, dist: DistInfo) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("device cuda requested but no CUDA device is available")
-        if device.index is None:
-            device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device mps requested but MPS is not available")
-    return device
-
-
-def check_sweep(cfgs: Sequence[TrainConfig]) -> None:
-    """Members of one pass must agree on everything that describes the pass itself."""
-    for c in cfgs[1:]:
-        for name in RUN_LEVEL_FIELDS:
-            if getattr(c, name) != getattr(cfgs[0], name):
-                raise UserError(f"sweep members differ in run-level option {name!r}")
-        if c.dictionary.init_tokens != cfgs[0].dictionary.init_tokens:
-            raise UserError("sweep members differ in run-level option 'dictionary.init_tokens'")
 
 
 class Trainer:
@@ -143,7 +112,7 @@ class Trainer:
         pool_size = max(c.resample.pool_batches for c in cfgs)
         self._pool: collections.deque[Tensor] = collections.deque(maxlen=pool_size)
         self._keep_pool = any(c.resample_enabled() for c in cfgs)
-        self._signal: int | None = None
+        self._stop = StopOnSignal()
         self._last: dict[str, dict[str, float]] = {}
         self._log = MetricsLogger(self.out_dir, enabled=False)
 
@@ -151,14 +120,16 @@ class Trainer:
     def fit(self, batches: Iterable[Tensor]) -> TrainResult:
         it = self._start(batches)
         try:
-            with self._signal_handlers(), self._progress() as bar:
+            with self._stop, self._progress() as bar:
                 while self.tokens < self.cfg.total_tokens:
                     x = self._next_batch(it)
                     if x is None:
                         break
                     self._train_step(x, bar)
                     if self._stop_requested():
-                        logger.warning("signal %s: saving a checkpoint and stopping", self._signal)
+                        logger.warning(
+                            "signal %s: saving a checkpoint and stopping", self._stop.signum
+                        )
                         self._checkpoint(batches)
                         return self._result(interrupted=True, dictionaries={}, paths={})
                     if (
@@ -387,34 +358,13 @@ class Trainer:
         )
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._signal is not None else 0.0], device=self.device)
+        flag = torch.tensor([1.0 if self._stop.signum is not None else 0.0], device=self.device)
         # Every process must stop at the same step, or the all-reduces would hang.
         return (
             bool(all_reduce_(flag, self.dist, op="max").item() > 0)
             if self.dist.enabled
-            else self._signal is not None
+            else self._stop.signum is not None
         )
-
-    @contextlib.contextmanager
-    def _signal_handlers(self) -> Iterator[None]:
-        """SIGINT/SIGTERM finish the current step, checkpoint, and stop (a second one kills)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def handler(signum: int, frame: Any) -> None:
-            self._signal = signum
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-        for s in previous:
-            signal.signal(s, handler)
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
     def _progress(self) -> Any:
         from tqdm.auto import tqdm
