@@ -96,11 +96,14 @@ def main() -> None:
     text = TextConfig(context_size=args.context_size)
     n_contexts = -(-args.tokens // (args.context_size - 1))  # what the cache runs
     batches, have = [], 0
+    tok_wall, tok_cpu = time.perf_counter(), time.process_time()
     for tokens in token_batches(text, model.tokenizer):
         batches.append(tokens[: n_contexts - have])
         have += len(batches[-1])
         if have == n_contexts:
             break
+    tok_wall, tok_cpu = time.perf_counter() - tok_wall, time.process_time() - tok_cpu
+    tokenize = (have * (args.context_size - 1) / tok_wall, have * (args.context_size - 1) / tok_cpu)
     print(f"model {args.model}, hook {args.hook}, {torch.get_num_threads()} torch thread(s)")
     print(f"machine load (1 min): {Path('/proc/loadavg').read_text().split()[0]}")
 
@@ -152,6 +155,7 @@ def main() -> None:
 
     print()
     print(f"{'measure':<52} {'tokens/s (wall)':>16} {'tokens/CPU-s':>14}")
+    print(f"{'tokenize + pack only (no model)':<52} {tokenize[0]:>16,.0f} {tokenize[1]:>14,.0f}")
     print(f"{'full forward (to logits)':<52} {full:>16,.0f} {'':>14}")
     print(f"{'bare forward stopped at the hook':<52} {bare[0]:>16,.0f} {bare[1]:>14,.0f}")
     for dtype, (tps, _) in rows.items():
