@@ -81,10 +81,20 @@ function currentDict() {
 
 // -- views -----------------------------------------------------------------------------------
 
-async function showList(dict, offset) {
+const ORDERS = { feature_id: "feature id", max_activation: "max activation ↓", frequency: "frequency ↓" };
+
+async function showList(dict, offset, order = "feature_id") {
+  if (!(order in ORDERS)) order = "feature_id";
+  const desc = order !== "feature_id";
   // Page sizes are the server's defaults (capped by its max_page); `page.limit` tells them.
-  const page = await api(`/api/features/${encodeURIComponent(dict)}?offset=${offset}`);
-  renderFeaturePage(`Features of ${dict}`, page, (o) => `#/d/${encodeURIComponent(dict)}/${o}`);
+  const page = await api(`/api/features/${encodeURIComponent(dict)}?offset=${offset}&order_by=${order}&descending=${desc}`);
+  const href = (o, ord = order) => `#/d/${encodeURIComponent(dict)}/${o}/${ord}`;
+  renderFeaturePage(`Features of ${dict}`, page, (o) => href(o));
+  const select = el("select", { id: "order-by", "aria-label": "order by" },
+    ...Object.entries(ORDERS).map(([k, v]) => el("option", { value: k, text: v })));
+  select.value = order;
+  select.addEventListener("change", () => { location.hash = href(0, select.value); });
+  view.querySelector("h1").after(el("label", {}, "order by ", select));
 }
 
 function renderFeaturePage(title, page, hrefFor) {
@@ -241,7 +251,7 @@ async function route() {
     } else if (parts[0] === "search") await showSearch(parts[1], parts[2], parts[3], Number(parts[4] || 0));
     else if (parts[0] === "text") showText();
     else if (parts[0] === "steer") showSteer(parts[1], parts[2]);
-    else if (parts[0] === "d") await showList(parts[1], Number(parts[2] || 0));
+    else if (parts[0] === "d") await showList(parts[1], Number(parts[2] || 0), parts[3]);
     else await showList(currentDict(), 0);
   } catch (e) {
     setStatus(e.message, true);

@@ -67,7 +67,13 @@ def test_browse_and_feature_page(page: Any, state: Any, tmp_path: Path) -> None:
     assert page.locator("table.feature-list tbody tr").count() == 20  # the server's max_page
     store = state.dictionaries["mlp0"].store
     top = store.features(0, 1, order_by="max_act", descending=True)[0]
-    page.locator(f"a[href='#/f/mlp0/{top.feature_id}']").click()
+    page.select_option("#order-by", "max_activation")
+    # The re-ordered list puts the strongest feature first.
+    page.wait_for_function(
+        "a => document.querySelector('table.feature-list tbody tr a')?.textContent === a",
+        arg=f"mlp0/{top.feature_id}",
+    )
+    page.locator("table.feature-list tbody tr a").first.click()
     page.wait_for_selector("section.feature")
     assert page.locator(".addr").inner_text() == f"mlp0/{top.feature_id}"
     examples = page.locator(".examples .example")
