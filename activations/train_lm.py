@@ -430,6 +430,17 @@ def train_model(
     return model, stats
 
 
+def portable_tokenizer_config(model_dir: Path) -> None:
+    """Name the tokenizer class `PreTrainedTokenizerFast`, which transformers 4.x and 5.x both
+    load; transformers 5 writes its new internal name `TokenizersBackend`, unknown to 4.x."""
+    from sae.atomic import atomic_write_json
+
+    path = model_dir / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    atomic_write_json(path, config)
+
+
 def model_card(metrics: dict[str, Any]) -> str:
     """The README.md written next to the weights."""
     c = metrics["config"]
@@ -533,6 +544,7 @@ def _train_evaluate_write(cfg: TrainLMConfig, out: Path, command: str) -> dict[s
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         data.tokenizer.save_pretrained(tmp)
+        portable_tokenizer_config(tmp)
         atomic_write_json(tmp / "training_metrics.json", metrics)
         atomic_write_text(tmp / "README.md", model_card(metrics))
     logger.info(
