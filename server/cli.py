@@ -1,7 +1,8 @@
 """`sae serve DICT_DIR... [--host --port ...]`: serve dictionaries over HTTP with uvicorn.
 
 Every option of `ServerSettings` is a flag and an `SAE_SERVE_*` variable (flags win). Prefer
-the variable for the API key: a flag is visible in the process list.
+the variable for the API key: a flag is visible in the process list. With no key set, a random
+one is made for the run and printed with a browser URL that carries it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import secrets
 
 from sae.dataclass_cli import add_dataclass_args
 from server.settings import ServerSettings
@@ -46,14 +48,20 @@ def run(args: argparse.Namespace) -> int:
     if args.dict_dirs:
         given["dictionaries"] = list(args.dict_dirs)
     settings = settings_from_env(**given)
+    generated = settings.api_key is None and settings.generate_api_key
+    if generated:
+        settings = dataclasses.replace(settings, api_key=secrets.token_urlsafe(18))
     logging.getLogger().setLevel(settings.log_level.upper())
     # Load before listening: a bad dictionary is a one-line error, not a failed lifespan.
     state = load_state(settings)
     app = create_app(state=state)
-    if settings.api_key is None:
-        log.warning("no API key set: labels and steering are disabled (set SAE_SERVE_API_KEY)")
-    print(
-        f"serving {len(state.dictionaries)} dictionaries at http://{settings.host}:{settings.port}/"
-    )
+    url = f"http://{settings.host}:{settings.port}/"
+    print(f"serving {len(state.dictionaries)} dictionaries at {url}")
+    if generated:
+        # The key rides in the URL fragment, which browsers never send to the server.
+        print(f"API key for labels and steering (this run only): {settings.api_key}")
+        print(f"open the browser with it: {url}#key={settings.api_key}", flush=True)
+    elif settings.api_key is None:
+        log.warning("no API key: labels and steering are disabled (set SAE_SERVE_API_KEY)")
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     return 0

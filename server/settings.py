@@ -34,6 +34,9 @@ class ServerSettings:
     api_key: str | None = None
     """Key required (as `Authorization: Bearer KEY` or `X-API-Key: KEY`) for writes (labels)
     and steering. Unset: writes and steering are refused with 403."""
+    generate_api_key: bool = True
+    """`sae serve` with no api_key makes a random one at start-up and prints it, with a
+    browser URL that carries it (like Jupyter's token). False: writes and steering stay off."""
     public_reads: bool = True
     """Serve reads without a key. False: every /api request needs the key."""
     prepend_bos: bool = True

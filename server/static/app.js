@@ -10,6 +10,11 @@ const dictSelect = document.getElementById("dict-select");
 const keyInput = document.getElementById("api-key");
 let dictionaries = [];
 
+// `sae serve` prints a URL ending in #key=KEY: keep the key, drop it from the address bar.
+if (location.hash.startsWith("#key=")) {
+  localStorage.setItem("sae-api-key", decodeURIComponent(location.hash.slice(5)));
+  history.replaceState(null, "", location.pathname + "#/");
+}
 keyInput.value = localStorage.getItem("sae-api-key") || "";
 keyInput.addEventListener("change", () => localStorage.setItem("sae-api-key", keyInput.value));
 

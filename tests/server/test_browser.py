@@ -133,8 +133,11 @@ def test_labels_and_search(page: Any) -> None:
 
 
 def test_text_and_steering(page: Any) -> None:
-    page.goto("/")
+    # The URL `sae serve` prints carries the key in its fragment; the page keeps it.
+    page.goto(f"/#key={API_KEY}")
     page.wait_for_selector("body[data-ready='1']")
+    assert page.input_value("#api-key") == API_KEY
+    assert page.evaluate("location.hash") == "#/"
     go(page, "#/text")
     page.fill("#text-input", "def add(a, b):\n    return a + b\n")
     page.click("#text-form button")
@@ -145,8 +148,6 @@ def test_text_and_steering(page: Any) -> None:
     assert href.startswith("#/f/mlp0/")
 
     go(page, "#/steer/mlp0/3")
-    page.fill("#api-key", API_KEY)
-    page.dispatch_event("#api-key", "change")
     page.fill("#steer-form input[name=strength]", "0")
     page.fill("#steer-form input[name=max_new_tokens]", "6")
     page.click("#steer-form button")

@@ -44,17 +44,21 @@ def test_sae_serve_runs_until_interrupted(dict_dirs: dict[str, Path]) -> None:
         "7",
     ]
     proc = subprocess.Popen(
-        cmd,
-        env=_env(SAE_SERVE_API_KEY="cli-key-123456"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    assert proc.stdout is not None
+    lines: list[str] = []
     try:
         url = f"http://127.0.0.1:{port}"
+        # With no key configured, `sae serve` makes one and prints a browser URL carrying it.
+        while "#key=" not in (line := proc.stdout.readline()):
+            assert line, "".join(lines)  # EOF: the server exited
+            lines.append(line)
+        key = line.strip().rsplit("#key=", 1)[1]
+        assert line.strip().startswith(f"open the browser with it: {url}/#key=")
         deadline = time.monotonic() + 90
         while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert proc.poll() is None
             try:
                 if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                     break
@@ -65,17 +69,14 @@ def test_sae_serve_runs_until_interrupted(dict_dirs: dict[str, Path]) -> None:
         names = [d["name"] for d in httpx.get(f"{url}/api/dictionaries").json()["dictionaries"]]
         assert names == ["feats", "bare"]
         assert len(httpx.get(f"{url}/api/features/feats").json()["items"]) == 7  # --max-page
-        r = httpx.post(
-            f"{url}/api/features/bare/1/labels",
-            json={"text": "x"},
-            headers={"X-API-Key": "cli-key-123456"},
-        )
-        assert r.status_code == 201  # the key came from SAE_SERVE_API_KEY
+        label = f"{url}/api/features/bare/1/labels"
+        assert httpx.post(label, json={"text": "x"}).status_code == 401
+        assert httpx.post(label, json={"text": "x"}, headers={"X-API-Key": key}).status_code == 201
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
-    assert f"http://127.0.0.1:{port}/" in out
+    assert f"serving 2 dictionaries at http://127.0.0.1:{port}/" in "".join(lines)
 
 
 @pytest.mark.parametrize(
