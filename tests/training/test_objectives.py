@@ -1,0 +1,100 @@
+"""Objective pieces with hand-computed answers: JumpReLU straight-through gradients, the
+decoder constraints, the 2024 norm folding, AuxK, and the schedules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae.base import DictionaryConfig, build
+from training.config import ObjectiveConfig, OptimConfig
+from training.objectives.base import StepContext, normalize_decoder_rows_, remove_parallel_grad_
+from training.objectives.jumprelu import JumpReLUFn, StepFn
+from training.objectives.relu_l1_2024 import fold_decoder_norms_
+from training.objectives.topk_auxk import TopKAuxK, auxk_loss
+from training.schedules import L0Controller, lr_factor, sparsity_warmup_factor
+
+
+def test_jumprelu_straight_through_gradients():
+    pre = torch.tensor([[0.5, 0.0105, 0.0001]], requires_grad=True)
+    theta = torch.tensor([0.01, 0.01, 0.01], requires_grad=True)
+    eps = 0.002
+    f = JumpReLUFn.apply(pre, theta, eps)
+    assert torch.allclose(f, torch.tensor([[0.5, 0.0105, 0.0]]))
+    f.sum().backward()
+    # d f/d theta = -(theta/eps) K((pre - theta)/eps): only the middle one is within eps/2.
+    assert theta.grad.tolist() == pytest.approx([0.0, -5.0, 0.0])
+    assert pre.grad.tolist() == [[1.0, 1.0, 0.0]]
+
+    theta.grad = None
+    StepFn.apply(pre, theta, eps).sum().backward()
+    assert theta.grad.tolist() == pytest.approx([0.0, -500.0, 0.0])
+
+
+def test_parallel_gradient_removal_keeps_rows_unit_norm_to_first_order():
+    torch.manual_seed(0)
+    d = build(DictionaryConfig("relu", d_in=8, d_sae=5))
+    with torch.no_grad():
+        d.W_dec.normal_()
+    normalize_decoder_rows_(d)
+    d.W_dec.grad = torch.randn(5, 8)
+    remove_parallel_grad_(d)
+    assert torch.allclose((d.W_dec.grad * d.W_dec).sum(-1), torch.zeros(5), atol=1e-6)
+    assert torch.allclose(d.W_dec.norm(dim=-1), torch.ones(5))
+
+
+def test_folding_decoder_norms_keeps_reconstructions_and_makes_the_penalty_plain_l1():
+    torch.manual_seed(0)
+    d = build(DictionaryConfig("relu", d_in=6, d_sae=10))
+    with torch.no_grad():
+        for p in d.parameters():
+            p.normal_()
+    x = torch.randn(4, 6)
+    before = d(x)
+    weighted_l1 = (before.feature_acts * d.W_dec.norm(dim=-1)).sum()
+    fold_decoder_norms_(d)
+    after = d(x)
+    assert torch.allclose(after.x_hat, before.x_hat, atol=1e-5)
+    assert torch.allclose(d.W_dec.norm(dim=-1), torch.ones(10))
+    assert float(after.feature_acts.sum().detach()) == pytest.approx(
+        float(weighted_l1.detach()), rel=1e-5
+    )
+
+
+def test_auxk_only_uses_dead_latents():
+    torch.manual_seed(0)
+    obj = TopKAuxK(ObjectiveConfig(name="topk_auxk", k=2, dead_tokens=100), d_in=6, d_sae=12)
+    d = build(obj.dictionary_config(6, 12))
+    obj.init_weights(d, torch.Generator().manual_seed(0))
+    x = torch.randn(16, 6)
+    since = torch.zeros(12, dtype=torch.long)
+    assert float(obj.loss(d, x, StepContext(0.0, since)).parts["auxk"]) == 0.0
+
+    since[[3, 7]] = 1000  # two latents have not fired for 1000 tokens: dead
+    out = d(x)
+    aux = auxk_loss(d, x, out, since >= 100, auxk_k=3)
+    assert float(aux.detach()) > 0
+    aux.backward()
+    touched = d.W_enc.grad.abs().sum(0).nonzero().squeeze(-1).tolist()
+    assert set(touched) <= {3, 7} and touched
+    rows = d.W_dec.grad.abs().sum(-1).nonzero().squeeze(-1).tolist()
+    assert set(rows) <= {3, 7}
+
+
+def test_schedules():
+    cfg = OptimConfig(warmup_steps=10, decay="linear", decay_start_fraction=0.8)
+    assert lr_factor(0, 100, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, 100, cfg) == 1.0
+    assert lr_factor(50, 100, cfg) == 1.0
+    assert lr_factor(90, 100, cfg) == pytest.approx(0.5)
+    assert lr_factor(100, 100, cfg) == 0.0
+    cos = OptimConfig(warmup_steps=0, decay="cosine", decay_start_fraction=0.0, min_lr_fraction=0.1)
+    assert lr_factor(50, 100, cos) == pytest.approx(0.55)
+    assert sparsity_warmup_factor(4, 100, 0.1) == pytest.approx(0.5)
+    assert sparsity_warmup_factor(10, 100, 0.1) == 1.0
+    c = L0Controller(target=10.0, rate=0.1, coefficient=1.0)
+    assert c.update(20.0) > 1.0  # too dense: stronger penalty
+    c2 = L0Controller(target=10.0, rate=0.1, coefficient=1.0)
+    assert c2.update(5.0) < 1.0
+    c3 = L0Controller(target=10.0, rate=0.1, coefficient=1.0)
+    assert c3.update(0.0) == pytest.approx(float(torch.tensor(-0.1).exp()))  # clipped
