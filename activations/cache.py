@@ -305,8 +305,7 @@ def cache_activations(
         raise UserError(
             f"context_size {cfg.text.context_size} exceeds the model's context {model.cfg.n_ctx}"
         )
-    if cfg.text.dataset != "bundled":  # the bundled corpus has no columns or files to check
-        check_source(cfg.text)
+    check_source(cfg.text)
     widths = hook_widths(model, names)
     itemsize = DTYPES[cfg.dtype].itemsize
     shard_tokens = cfg.shard_tokens or max(
