@@ -1,13 +1,15 @@
 """Ground-truth recovery on synthetic superposition data (issue 5, benchmark 2).
 
 Known sparse unit features in fewer dimensions, with firing probabilities spread over a
-decade (training/synthetic.py). Trains relu + L1 with resampling and topk + AuxK on the same
-stream, then measures on held-out data:
+decade (training/synthetic.py). Trains relu + L1 with resampling (and, as a control, without)
+and topk + AuxK on the same stream, with as many dictionary features as true features, then
+measures on held-out data:
   mean max cosine   for each true feature, its best decoder row; averaged
   recovered         fraction of true features with a decoder row at cosine > 0.9
   EV                explained variance
   L0 vs true L0     active dictionary features vs active true features per token
   dead              fraction of dictionary features that never fire on the held-out tokens
+  resampled         dead features re-initialised during training (Towards Monosemanticity)
 
     .venv/bin/python benchmarks/bench_synthetic.py                 # the default setting
     .venv/bin/python benchmarks/bench_synthetic.py --steps 500     # quicker, weaker
@@ -35,8 +37,8 @@ from training.evals import evaluate
 from training.synthetic import SyntheticActivations, SyntheticConfig, recovery
 from training.trainer import Trainer
 
-SYNTHETIC = SyntheticConfig(d_in=32, n_features=128, p_min=0.005, p_max=0.05, seed=0)
-"""The default data: 128 true features in 32 dimensions, firing 0.5%-5% of the time."""
+SYNTHETIC = SyntheticConfig(d_in=64, n_features=256, p_min=0.005, p_max=0.05, seed=0)
+"""The default data: 256 true features in 64 dimensions, firing 0.5%-5% of the time."""
 
 
 def configs(
@@ -57,33 +59,46 @@ def configs(
         objective=ObjectiveConfig(name="relu_l1", l1_coefficient=l1),
         resample=ResampleConfig(enabled=True, stop_fraction=stop),
     )
+    # The control: the same relu run without resampling, to show what resampling buys.
+    no_resample = dataclasses.replace(
+        relu, out_dir=out / "relu-no-resampling", resample=ResampleConfig(enabled=False)
+    )
     topk = dataclasses.replace(
         base,
         out_dir=out / "topk",
         objective=ObjectiveConfig(name="topk_auxk", k=k, dead_tokens=100 * batch),
         resample=ResampleConfig(enabled=False),
     )
-    return {"relu + L1 + resampling": relu, "topk + AuxK": topk}
+    return {
+        "relu + L1 + resampling": relu,
+        "relu + L1, no resampling": no_resample,
+        "topk + AuxK": topk,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d-in", type=int, default=SYNTHETIC.d_in)
     parser.add_argument("--n-features", type=int, default=SYNTHETIC.n_features)
+    parser.add_argument("--p-min", type=float, default=SYNTHETIC.p_min)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--d-sae", type=int, default=256, help="dictionary size (2x true)")
+    parser.add_argument(
+        "--d-sae", type=int, default=256, help="dictionary size (default: the true count)"
+    )
     parser.add_argument("--eval-tokens", type=int, default=65536)
     parser.add_argument("--l1", type=float, default=3.0, help="relu l1_coefficient")
-    parser.add_argument("--k", type=int, default=4, help="topk k")
-    parser.add_argument("--resample-stop", type=float, default=0.6, help="stop_fraction")
+    parser.add_argument("--k", type=int, default=8, help="topk k")
+    parser.add_argument("--resample-stop", type=float, default=0.7, help="stop_fraction")
     parser.add_argument("--only", choices=["relu", "topk"], help="run one of the two")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    syn = dataclasses.replace(SYNTHETIC, d_in=args.d_in, n_features=args.n_features)
+    syn = dataclasses.replace(
+        SYNTHETIC, d_in=args.d_in, n_features=args.n_features, p_min=args.p_min
+    )
     stream = SyntheticActivations(syn, args.batch)
     held_out = SyntheticActivations(
         syn, args.batch, n_batches=max(1, args.eval_tokens // args.batch), offset=10**9
@@ -94,7 +109,7 @@ def main() -> None:
         f"[{syn.p_min}, {syn.p_max}], true L0 {stream.true_l0:.2f}; dictionary d_sae={args.d_sae}; "
         f"{args.steps} steps x {args.batch} tokens; eval on {len(held) * args.batch} held-out tokens"
     )
-    header = f"{'':24s} {'mean max cos':>12s} {'recovered':>10s} {'EV':>7s} {'L0':>6s} {'true L0':>8s} {'dead':>6s} {'tokens/s':>9s}"
+    header = f"{'':24s} {'mean max cos':>12s} {'recovered':>10s} {'EV':>7s} {'L0':>6s} {'true L0':>8s} {'dead':>6s} {'resampled':>9s} {'tokens/s':>9s}"
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
         runs = configs(
@@ -112,7 +127,8 @@ def main() -> None:
             print(
                 f"{label:24s} {rec.mean_max_cosine:12.4f} {rec.fraction_recovered:10.1%} "
                 f"{ev.explained_variance:7.4f} {ev.l0:6.2f} {stream.true_l0:8.2f} "
-                f"{ev.dead_fraction:6.1%} {result.tokens / seconds:9,.0f}"
+                f"{ev.dead_fraction:6.1%} {d.cfg.provenance['resampled_features']:9d} "
+                f"{result.tokens / seconds:9,.0f}"
             )
 
 

@@ -73,7 +73,10 @@ def main() -> None:
     parser.add_argument("--objectives", nargs="+", default=["relu_l1", "topk_auxk"])
     parser.add_argument("--autocast", choices=["none", "bf16"], default="none")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     b, d, f = args.batch, args.d_in, args.d_sae
     short = max(2, args.steps // 3)
