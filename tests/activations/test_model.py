@@ -181,6 +181,19 @@ def test_cli_reports_an_uncached_hub_model_in_one_line(
     assert err == f"sae cache: error: {OFFLINE_MESSAGE.format(name='gpt2')}\n"
 
 
+def test_greedy_sample_with_token_healing_extends_the_prompt(tiny_lm_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    for prompt in ("def ", "import os\n", "x = [i * 2 for", ""):
+        text = train_lm.greedy_sample(model, tokenizer, prompt, n=5)
+        assert text.startswith(prompt), (prompt, text)
+        assert len(tokenizer.encode(text, add_special_tokens=False)) > len(
+            tokenizer.encode(prompt, add_special_tokens=False)
+        )
+
+
 # --- sae train-lm: a tiny smoke run, resumed after an interruption ---------------------------
 
 
@@ -236,6 +249,8 @@ def test_train_lm_smoke_resumes_exactly(tmp_path: Path, monkeypatch: pytest.Monk
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     assert resumed["val_ce_nats_per_token"] == straight["val_ce_nats_per_token"]
 
+    tokenizer_config = json.loads((resumed_cfg.out / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
     bridge = load_model(str(resumed_cfg.out))
     _, cache = bridge.run_with_cache("import os\n")
     assert cache["blocks.0.mlp.hook_post"].shape[-1] == 32
