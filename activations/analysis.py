@@ -18,6 +18,7 @@ the end the sample is sorted by activation and cut into `n_quantiles` equal-coun
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Iterator
@@ -69,6 +70,10 @@ class AnalysisConfig:
     """Upper edge of the histogram; larger activations count in the last bin."""
     seed: int = 0
     """Seed of the example sampling hash: same seed, same quantile examples."""
+    bookkeeping_threads: int = 1
+    """CPU threads for the per-batch bookkeeping after the scan for firings (0: leave torch's
+    setting). It is many small ops; on a busy machine each multi-threaded small op waits for
+    a descheduled worker, measured 10x slower with 2 threads than with 1 (issue 6 bench)."""
 
     def __post_init__(self) -> None:
         for name in ("n_tokens", "n_top", "n_quantiles", "examples_per_quantile"):
@@ -119,6 +124,20 @@ def sample_keys(token_index: Int[Tensor, " Z"], feature: Int[Tensor, " Z"], seed
         x = (((x >> 16) ^ x) * 0x45D9F3B) & _LOW32
     x = (x >> 16) ^ x
     return _MAX_KEY - (((x >> 1) << 32) | (token_index & _LOW32))
+
+
+@contextlib.contextmanager
+def _threads(device: torch.device, n: int) -> Iterator[None]:
+    """Run the block with `n` intra-op CPU threads (no-op off the CPU or for n = 0)."""
+    before = torch.get_num_threads()
+    if device.type != "cpu" or n <= 0 or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class ExampleSlots:
@@ -275,6 +294,18 @@ class FeatureAccumulator:
 
         # Every firing, in one scan of the codes (no boolean temporary); O(l0) per token after.
         rows, feats = acts.nonzero(as_tuple=True)
+        with _threads(device, self.cfg.bookkeeping_threads):
+            self._add_firings(rows, feats, acts, tokens, sequence, token_index)
+
+    def _add_firings(
+        self,
+        rows: Int[Tensor, " Z"],
+        feats: Int[Tensor, " Z"],
+        acts: Float[Tensor, "BT F"],
+        tokens: Int[Tensor, "S T"],
+        sequence: Int[Tensor, " S"],
+        token_index: Int[Tensor, " BT"],
+    ) -> None:
         vals = acts[rows, feats]
         fires = vals > 0  # codes are >= 0 in every architecture; NaN or negatives never fire
         if not bool(fires.all()):
