@@ -298,3 +298,16 @@ def test_our_safetensors_writer_reads_back_with_the_safetensors_library(tmp_path
     sum_D, sq = shard_statistics(x, chunk=64)  # chunked float32 vs plain float64
     assert torch.allclose(sum_D, x.double().sum(0), rtol=1e-6)  # float32 partial sums
     assert float(sq) == pytest.approx(float(x.double().pow(2).sum()), rel=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_caching_on_the_gpu_matches_the_cpu(tmp_path, docs, tiny_lm_dir):
+    text = TextConfig(dataset=str(docs), context_size=16)
+    common = dict(model=str(tiny_lm_dir), hooks=HOOKS, text=text, dtype="float32", max_tokens=300)
+    cpu = cache_activations(CacheConfig(out=tmp_path / "cpu", device="cpu", **common))
+    gpu = cache_activations(CacheConfig(out=tmp_path / "gpu", device="cuda", **common))
+    for hook in HOOKS:
+        a, b = load_hook(cpu.hook_dirs[hook]), load_hook(gpu.hook_dirs[hook])
+        assert torch.equal(a["sequence"], b["sequence"])
+        assert torch.allclose(a["activations"], b["activations"], atol=1e-4)
