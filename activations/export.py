@@ -18,15 +18,30 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sae.atomic import atomic_dir
+from sae.errors import UserError
 from sae.store import Example, FeatureStore
 
 logger = logging.getLogger(__name__)
+
+
+def _check_replaceable(out: Path, pattern: re.Pattern[str], what: str) -> None:
+    """Exports replace their directory whole; never replace one holding anything else."""
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"{out} exists and is not a directory")
+        foreign = [p.name for p in out.iterdir() if not pattern.fullmatch(p.name)]
+        if foreign:
+            raise UserError(
+                f"{out} holds files that are not a {what} export ({', '.join(sorted(foreign)[:3])}"
+                "...); choose an empty or new directory"
+            )
 
 
 def _activation_json(ex: Example, bins: tuple[float, float] | None = None) -> dict[str, Any]:
@@ -82,6 +97,7 @@ def export_neuronpedia(
     model_id = model_id or Path(meta.model_name).name or "model"
     layer = layer or meta.hook_name
     out = Path(out)
+    _check_replaceable(out, re.compile(r"\d+\.json"), "Neuronpedia")
     with atomic_dir(out) as tmp:
         for f in range(meta.d_sae):
             doc = neuronpedia_feature(store, f, model_id, layer)
@@ -120,6 +136,9 @@ def export_delphi(store: FeatureStore, out: str | Path, n_splits: int = 1) -> Pa
     activations = np.asarray(acts, dtype=np.float16)
     bounds = np.linspace(0, meta.d_sae, n_splits + 1).astype(int)
     out = Path(out)
+    _check_replaceable(
+        out / meta.hook_name, re.compile(r"\d+_\d+\.safetensors|config\.json"), "Delphi"
+    )
     with atomic_dir(out / meta.hook_name) as tmp:
         for start, stop in itertools.pairwise(bounds):
             end = stop - 1  # Delphi names splits by inclusive bounds

@@ -191,6 +191,9 @@ def test_cli_labels_survive_reanalysis_and_export(
         assert doc["activations"] and doc["pos_str"] and "frac_nonzero" in doc
         first = doc["activations"][0]
         assert first["values"][first["maxValueTokenIndex"]] == pytest.approx(first["maxValue"])
+        with pytest.raises(UserError, match="not a Neuronpedia export"):
+            export_neuronpedia(store, tmp_path / "dict")  # would replace the dictionary
+        export_neuronpedia(store, tmp_path / "np")  # a previous export is replaced
         delphi = export_delphi(store, tmp_path / "delphi")
         from safetensors.numpy import load_file
 
