@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+from jaxtyping import Bool
 
 from sae.errors import UserError
 
@@ -140,3 +141,32 @@ def _is_connection_problem(e: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+class HealedPrompt(NamedTuple):
+    """A prompt prepared for generation with token healing (see `heal_prompt`)."""
+
+    ids: list[int]
+    """BOS then the prompt's tokens without its last one."""
+    first_token_allowed: Bool[torch.Tensor, " V"] | None
+    """Mask over the vocabulary for the first generated token (None: no constraint)."""
+
+
+def heal_prompt(tokenizer: Any, prompt: str) -> HealedPrompt:
+    """Token healing (as in Microsoft's guidance library) for byte-level BPE prompts.
+
+    GPT-2-style pre-tokenization attaches a space to the *following* word, so a prompt such
+    as "def " ends in a lone space token that training text rarely shows before a name, and
+    greedy decoding continues it badly. Drop the prompt's last token and let the first
+    generated token be any token whose text extends it (" name", " (" ...).
+    """
+    ids = [tokenizer.bos_token_id, *tokenizer.encode(prompt, add_special_tokens=False)]
+    if len(ids) == 1:
+        return HealedPrompt(ids, None)
+    tail = str(tokenizer.decode(ids[-1:], clean_up_tokenization_spaces=False))
+    pieces = tokenizer.batch_decode(
+        [[i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False
+    )
+    special = set(tokenizer.all_special_ids)
+    allowed = torch.tensor([p.startswith(tail) and i not in special for i, p in enumerate(pieces)])
+    return HealedPrompt(ids[:-1], allowed)

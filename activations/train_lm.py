@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from jaxtyping import Int
 
-from activations.model import BUNDLED_DIR
+from activations.model import BUNDLED_DIR, heal_prompt
 from sae.errors import UserError
 
 if TYPE_CHECKING:
@@ -218,30 +218,15 @@ def greedy_sample(
     model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, prompt: str, n: int = 32
 ) -> str:
     """The prompt continued by n greedy tokens (BOS-prefixed, as in training), with token
-    healing: the prompt's last token is dropped and the first generated token must extend the
-    prompt's text. GPT-2-style pre-tokenization attaches a space to the *following* word, so
-    "def " ends in a lone space token that training text rarely shows before a name; healing
-    lets the model pick " name" instead (the "token healing" of Microsoft's guidance library).
-    """
+    healing (`activations.model.heal_prompt`) so that "def " continues with a name."""
     model.eval()
     device = next(model.parameters()).device
-    ids = [tokenizer.bos_token_id, *tokenizer.encode(prompt, add_special_tokens=False)]
-    allowed: torch.Tensor | None = None
-    if len(ids) > 1:
-        tail = str(tokenizer.decode(ids[-1:], clean_up_tokenization_spaces=False))
-        ids.pop()
-        pieces = tokenizer.batch_decode(
-            [[i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False
-        )
-        special = set(tokenizer.all_special_ids)
-        allowed = torch.tensor(
-            [p.startswith(tail) and i not in special for i, p in enumerate(pieces)], device=device
-        )
+    ids, allowed = heal_prompt(tokenizer, prompt)
     for _ in range(n):
         window = torch.tensor([ids[-model.config.n_positions :]], device=device)
         logits = model(input_ids=window).logits[0, -1]
         if allowed is not None:
-            logits = logits.masked_fill(~allowed[: len(logits)], float("-inf"))
+            logits = logits.masked_fill(~allowed[: len(logits)].to(device), float("-inf"))
             allowed = None
         ids.append(int(logits.argmax()))
     return str(tokenizer.decode(ids[1:], clean_up_tokenization_spaces=False))

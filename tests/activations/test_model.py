@@ -15,7 +15,13 @@ from safetensors.torch import load_file
 
 from activations import train_lm
 from activations.corpus import iter_documents
-from activations.model import BUNDLED_DIR, BUNDLED_MODEL, load_model, resolve_model_path
+from activations.model import (
+    BUNDLED_DIR,
+    BUNDLED_MODEL,
+    heal_prompt,
+    load_model,
+    resolve_model_path,
+)
 from activations.train_lm import TrainLMConfig, run_training
 from sae.errors import UserError
 
@@ -144,6 +150,18 @@ def test_tokenizer_round_trips_any_text(bundled, text: str) -> None:
         return  # the special token is matched as one token by design, like GPT-2
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert tokenizer.decode(ids, clean_up_tokenization_spaces=False) == text
+
+
+@needs_bundled
+def test_heal_prompt_lets_the_first_token_absorb_a_trailing_space(bundled) -> None:
+    tokenizer = bundled.tokenizer
+    ids, allowed = heal_prompt(tokenizer, "def ")
+    assert ids == [tokenizer.bos_token_id, *tokenizer.encode("def", add_special_tokens=False)]
+    assert allowed is not None and allowed.shape == (len(tokenizer),)
+    vocab = tokenizer.get_vocab()
+    assert allowed[vocab["\u0120self"]] and not allowed[vocab["self"]]  # \u0120: byte-level " "
+    assert not allowed[tokenizer.bos_token_id]
+    assert heal_prompt(tokenizer, "").first_token_allowed is None
 
 
 # --- the loader on local directories and hub names ------------------------------------------
