@@ -42,7 +42,7 @@ SYNTHETIC = SyntheticConfig(d_in=64, n_features=256, p_min=0.005, p_max=0.05, se
 
 
 def configs(
-    out: Path, steps: int, batch: int, d_sae: int, l1: float, k: int, stop: float
+    out: Path, steps: int, batch: int, d_sae: int, l1: float, k: int, stop: float, lr: float
 ) -> dict[str, TrainConfig]:
     base = TrainConfig(
         total_tokens=steps * batch,
@@ -50,7 +50,7 @@ def configs(
         out_dir=out,
         checkpoint_every_steps=0,
         dictionary=DictionaryShape(d_sae=d_sae, init_tokens=8 * batch),
-        optim=OptimConfig(lr=1e-3, warmup_steps=50),
+        optim=OptimConfig(lr=lr, warmup_steps=50),
         logging=LoggingConfig(log_every_steps=100, progress=False, plots=False),
     )
     relu = dataclasses.replace(
@@ -80,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d-in", type=int, default=SYNTHETIC.d_in)
     parser.add_argument("--n-features", type=int, default=SYNTHETIC.n_features)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--p-min", type=float, default=SYNTHETIC.p_min)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=1024)
@@ -113,7 +114,14 @@ def main() -> None:
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
         runs = configs(
-            Path(tmp), args.steps, args.batch, args.d_sae, args.l1, args.k, args.resample_stop
+            Path(tmp),
+            args.steps,
+            args.batch,
+            args.d_sae,
+            args.l1,
+            args.k,
+            args.resample_stop,
+            args.lr,
         )
         for label, cfg in runs.items():
             if args.only and not label.startswith(args.only):
