@@ -48,8 +48,13 @@ class Member:
             torch.compile(self.dictionary) if cfg.compile else self.dictionary
         )
         self.params = [p for p in self.dictionary.parameters() if p.requires_grad]
+        # The fused kernel (CUDA and CPU) updates all moments in one pass; same math as eager.
         self.optimizer = torch.optim.Adam(
-            self.params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps
+            self.params,
+            lr=cfg.optim.lr,
+            betas=cfg.optim.betas,
+            eps=cfg.optim.eps,
+            fused=device.type in ("cuda", "cpu"),
         )
         self.firing = FiringTracker(d_sae, device)
         self.density = DensityTracker(d_sae, device, cfg.logging.density_window_tokens)

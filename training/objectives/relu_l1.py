@@ -23,6 +23,6 @@ class ReluL1(Objective):
     def loss(self, d: Dictionary, x: Float[Tensor, "B D"], ctx: StepContext) -> LossOutput:
         out = d(x)
         mse = sse(x, out.x_hat)
-        l1 = out.feature_acts.abs().sum(-1).mean()
+        l1 = out.feature_acts.sum(-1).mean()  # ReLU codes are >= 0: |f| = f, no abs pass
         loss = mse + ctx.sparsity_coefficient * l1
         return LossOutput(loss, out, {"recon": mse.detach(), "l1": l1.detach()})
