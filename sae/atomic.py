@@ -16,6 +16,14 @@ from pathlib import Path
 from typing import Any
 
 
+def _default_mode(directory: bool) -> int:
+    """Permissions an ordinary open()/mkdir() would give: mkstemp/mkdtemp use 0600/0700, which
+    would leave an installed model or a shared cache unreadable by other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -37,6 +45,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, _default_mode(directory=False))
         os.replace(tmp, final)
         _fsync_dir(final.parent)
     except BaseException:
@@ -69,6 +78,7 @@ def atomic_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(directory=True))
         if final.exists():
             if not overwrite:
                 raise FileExistsError(f"{final} already exists")
