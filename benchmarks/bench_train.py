@@ -2,9 +2,11 @@
 benchmark 1), both measured in one run on the same shapes.
 
 A dictionary training step is six matmuls of B x D x F (encoder and decoder forward, and two
-gradients of each backward): 12 B D F floating-point operations, plus elementwise work,
-the optimizer step, and bookkeeping. The "peak" is those same six matmuls timed bare, so
-the ratio says how much of the achievable time the trainer spends on anything else.
+gradients of each backward: the encoder's input gradient is needed because b_dec is
+subtracted from the input before encoding): 12 B D F floating-point operations, plus
+elementwise work, the optimizer step and bookkeeping. The "peak" is those same six matmuls
+timed bare, so the ratio says how much of the achievable time the trainer spends on anything
+else.
 Trainer time is the difference of two runs of different lengths (start-up cancels out).
 
     .venv/bin/python benchmarks/bench_train.py
@@ -39,12 +41,12 @@ def matmul_peak(b: int, d: int, f: int, device: torch.device, reps: int) -> floa
     grad_out = torch.randn(b, d, device=device)
 
     def step() -> None:
-        pre = x @ w_enc  # encoder forward
+        _ = x @ w_enc  # encoder forward
         _ = acts @ w_dec  # decoder forward
         g_acts = grad_out @ w_dec.T  # decoder backward: d acts
         _ = acts.T @ grad_out  # decoder backward: d W_dec
-        _ = g_acts @ w_enc.T  # encoder backward: d x (kept: x may need grad upstream)
-        _ = x.T @ pre  # encoder backward: d W_enc
+        _ = x.T @ g_acts  # encoder backward: d W_enc
+        _ = g_acts @ w_enc.T  # encoder backward: d (x - b_dec), for b_dec's gradient
 
     step()
     best = float("inf")
