@@ -47,17 +47,18 @@ def data(batch: int = 64, syn: SyntheticConfig = SYN) -> SyntheticActivations:
 
 
 class InterruptAt:
-    """A data source that sends this process SIGINT when yielding batch `at` (0-based),
-    as a user pressing Ctrl-C mid-run would; state is delegated to the wrapped source."""
+    """A data source that sends this process `signum` when yielding batch `at` (0-based), as
+    Ctrl-C (SIGINT) or a scheduler (SIGTERM) would mid-run; state is the wrapped source's."""
 
-    def __init__(self, source: SyntheticActivations, at: int) -> None:
+    def __init__(self, source: SyntheticActivations, at: int, signum: int = signal.SIGINT) -> None:
         self.source = source
         self.at = at
+        self.signum = signum
 
     def __iter__(self) -> Iterator[Tensor]:
         for x in self.source:
             if self.source.position - 1 == self.at:
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), self.signum)
             yield x
 
     def state_dict(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ acts on raw activations, resume is exact, bad input is a one-line UserError."""
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 import torch
@@ -77,8 +78,10 @@ def test_run_folder_has_config_metrics_checkpoint_and_plots(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("objective", ["relu_l1", "topk_auxk"])
-def test_resume_after_sigint_equals_an_uninterrupted_run(tmp_path, objective):
+@pytest.mark.parametrize(
+    ("objective", "signum"), [("relu_l1", signal.SIGINT), ("topk_auxk", signal.SIGTERM)]
+)
+def test_resume_after_a_signal_equals_an_uninterrupted_run(tmp_path, objective, signum):
     extra = {"k": 4, "dead_tokens": 256} if objective == "topk_auxk" else {}
     base = small_cfg(tmp_path / "a", steps=30, name=objective, **extra)
     # Resampling every 8 batches with a short window, so the checkpoint must carry the pool,
@@ -93,7 +96,7 @@ def test_resume_after_sigint_equals_an_uninterrupted_run(tmp_path, objective):
     assert not straight.interrupted
 
     cfg = with_(base, out_dir=tmp_path / "b")
-    first = Trainer(cfg, d_in=16).fit(InterruptAt(data(), at=11))
+    first = Trainer(cfg, d_in=16).fit(InterruptAt(data(), at=11, signum=signum))
     assert first.interrupted and first.steps < 30
     resumed = Trainer(cfg, d_in=16, resume=True).fit(InterruptAt(data(), at=-1))
     assert not resumed.interrupted and resumed.steps == 30
