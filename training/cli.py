@@ -101,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
     )
     result = trainer.fit(reader)
+    if not trainer.dist.is_main:
+        return 130 if result.interrupted else 0  # rank 0 reports for the run
     if result.interrupted:
         print(f"interrupted at step {result.steps}; continue with the same command plus --resume")
         return 130
