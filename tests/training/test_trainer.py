@@ -124,3 +124,23 @@ def test_target_l0_steers_the_coefficient(tmp_path):
     assert l0[20] > 15  # the starting coefficient is far too weak for L0 = 5
     assert abs(sum(l0[-30:]) / 30 - 5.0) < 1.0
     assert result.dictionary.cfg.provenance["l1_coefficient"] > 1.0
+
+
+def test_evaluator_runs_every_eval_steps_and_at_the_end(tmp_path):
+    cfg = small_cfg(tmp_path, steps=12)
+    cfg = with_(cfg, logging=with_(cfg.logging, eval_every_steps=5))
+    seen: list[tuple[int, float]] = []
+
+    def evaluator(d, scale):
+        x = data().batch(123)
+        seen.append((d.d_sae, scale))
+        return {"fvu_raw": evaluate(d, [x]).fvu if scale == 1.0 else -1.0}
+
+    trainer = Trainer(cfg, d_in=16, evaluator=evaluator)
+    trainer.fit(data())
+    scale = trainer.members[0].scale
+    # Live dictionary in training space at steps 5 and 10, the saved (folded) one at the end.
+    assert seen == [(64, scale), (64, scale), (64, 1.0)]
+    rows = [r for r in read_metrics(tmp_path) if "eval/fvu_raw" in r]
+    assert [r["step"] for r in rows] == [5, 10, 12]
+    assert rows[0]["eval/fvu_raw"] == -1.0 and rows[-1]["eval/fvu_raw"] > 0
