@@ -68,6 +68,8 @@ class TrainResult:
 
 
 class Trainer:
+    """Trains one dictionary, or a sweep of them on the same batches (one config each)."""
+
     def __init__(
         self,
         cfg: TrainConfig | Sequence[TrainConfig],
