@@ -248,11 +248,13 @@ def run(args: argparse.Namespace) -> int:
     )
     sys.stdout.flush()
     if cfg.serve:
-        print(f"feature browser: http://{cfg.host}:{cfg.port}/  (Ctrl-C to stop)", flush=True)
+        # `sae serve` prints the browser URL, with the API key it made for this run.
+        print("starting the web feature browser (Ctrl-C to stop)...", flush=True)
         _sae("serve", *(str(p) for p in report_paths(report)), "--host", cfg.host,
              "--port", str(cfg.port))  # fmt: skip
     return 0
 
 
 def report_paths(report: dict[str, Any]) -> list[str]:
-    return [d["path"] for d in report["dictionaries"].values()]
+    """NAME=PATH arguments for `sae serve` (the sweep's folder names hold an '=')."""
+    return [f"{name}={d['path']}" for name, d in report["dictionaries"].items()]
