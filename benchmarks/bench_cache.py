@@ -144,6 +144,16 @@ def main() -> None:
             "float32": (f32_tps, folder_bytes(f32.hook_dirs[args.hook]) / f32.n_tokens),
         }
 
+        # The writer thread's work per token (statistics, cast, file write), measured alone.
+        from activations.shards import shard_statistics, write_safetensors
+
+        rows_f32 = CachedActivations(f32.hook_dirs[args.hook], batch_size=65536, prefetch=0)
+        x = torch.cat(list(rows_f32))
+        cpu = time.process_time()
+        shard_statistics(x)
+        write_safetensors(Path(tmp) / "w.safetensors", {"activations": x.bfloat16()}, {})
+        writer_us = (time.process_time() - cpu) / len(x) * 1e6
+
         reader = CachedActivations(bf16.hook_dirs[args.hook], batch_size=args.batch_size, seed=0)
         start = time.perf_counter()
         n = sum(batch.shape[0] for batch in reader)
@@ -165,6 +175,12 @@ def main() -> None:
     print(
         f"{'sae cache, 2 hooks in one pass (bf16)':<52} {two_tps[0]:>16,.0f} {two_tps[1]:>14,.0f}"
     )
+    print()
+    print("CPU microseconds per token (where the cache's extra work goes):")
+    print(f"{'  bare forward to the hook':<52} {1e6 / bare[1]:>16.2f}")
+    print(f"{'  tokenize + pack (background thread)':<52} {1e6 / tokenize[1]:>16.2f}")
+    print(f"{'  statistics + bf16 cast + file write (writer thread)':<52} {writer_us:>16.2f}")
+    print(f"{'  whole cache run (bf16), all threads':<52} {1e6 / cached[1]:>16.2f}")
     print()
     for dtype, (_, per_token) in rows.items():
         print(
