@@ -19,6 +19,10 @@ generation longer so readers that looked up the old pointer can still open it.
 
 Concurrency: any number of reader threads/processes and one writer at a time (WAL). Each
 thread gets its own connection; a busy database is waited for (`busy_timeout`), not failed.
+
+The records (`StoreMeta`, `FeatureRecord`, `Example`, `FeatureArrays`, ...) live in
+sae/store_records.py and the SQL schema/row encoding in sae/store_schema.py; both are
+re-exported here, so `from sae.store import ...` is the one import path.
 """
 
 from __future__ import annotations
@@ -32,15 +36,42 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from sae.atomic import atomic_dir
 from sae.errors import UserError
+from sae.store_records import (
+    Example,
+    FeatureArrays,
+    FeatureRecord,
+    FeatureSummary,
+    Histogram,
+    Label,
+    StoreMeta,
+    TokenEffect,
+)
+from sae.store_schema import SCHEMA, feature_rows, reindex
+
+__all__ = [
+    "ANALYSIS_DIR",
+    "DB_NAME",
+    "ORDER_COLUMNS",
+    "Example",
+    "FeatureArrays",
+    "FeatureRecord",
+    "FeatureStore",
+    "FeatureSummary",
+    "Histogram",
+    "Label",
+    "OrderBy",
+    "StoreMeta",
+    "TokenEffect",
+    "resolve_store_dir",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,219 +84,7 @@ OrderBy = Literal["feature_id", "density", "max_act", "mean_act"]
 ORDER_COLUMNS: tuple[str, ...] = ("feature_id", "density", "max_act", "mean_act")
 
 
-# -- records returned to readers ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StoreMeta:
-    """What was analysed and how."""
-
-    dictionary: str
-    """Dictionary name or path the statistics belong to."""
-    hook_name: str
-    """TransformerLens hook the dictionary reads."""
-    model_name: str
-    """Language model the text was run through."""
-    d_in: int
-    """Width of the hooked activation."""
-    d_sae: int
-    """Number of features."""
-    n_tokens: int
-    """Tokens analysed."""
-    n_top: int
-    """Top-activating examples kept per feature."""
-    n_quantiles: int
-    """Activation-quantile buckets of the sampled examples."""
-    examples_per_quantile: int
-    """Sampled examples per quantile bucket."""
-    context_before: int
-    """Tokens kept before the activating token in each example window."""
-    context_after: int
-    """Tokens kept after the activating token in each example window."""
-    histogram_edges: list[float]
-    """Bin edges shared by every feature's activation histogram (log-spaced)."""
-    created_at: str
-    """ISO-8601 UTC time the analysis finished."""
-    generation: int
-    """Incremented by every re-analysis."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Free-form provenance: text source, dtype, logit-effect method, ..."""
-
-
-@dataclass(frozen=True)
-class TokenEffect:
-    """One output token a feature's decoder direction promotes (value > 0) or suppresses."""
-
-    token: str
-    token_id: int
-    value: float
-    """Direct logit effect of a unit-norm decoder direction (see activations/analysis.py)."""
-
-
-@dataclass(frozen=True)
-class Histogram:
-    """Activation histogram over the tokens where the feature fires (activation > 0)."""
-
-    edges: list[float]
-    """len(counts) + 1 bin edges; values outside are counted in the first/last bin."""
-    counts: list[int]
-
-
-@dataclass(frozen=True)
-class Label:
-    """A user- or tool-written explanation of a feature."""
-
-    id: int
-    feature_id: int
-    text: str
-    author: str
-    created_at: str
-    """ISO-8601 UTC."""
-
-
-@dataclass(frozen=True)
-class FeatureSummary:
-    """One row of a feature list or search result."""
-
-    feature_id: int
-    density: float
-    """Fraction of analysed tokens where the feature fires."""
-    mean_act: float
-    """Mean activation over the tokens where it fires (0 if it never fires)."""
-    max_act: float
-    top_tokens: list[str]
-    """The tokens at the maxima of the top examples, distinct, strongest first."""
-    label: str | None
-    """The most recent label, if any."""
-
-
-@dataclass(frozen=True)
-class FeatureRecord:
-    """Everything the store knows about one feature except its examples."""
-
-    feature_id: int
-    n_fires: int
-    """Number of analysed tokens where the feature fires."""
-    density: float
-    mean_act: float
-    max_act: float
-    top_tokens: list[str]
-    histogram: Histogram
-    promoted: list[TokenEffect]
-    """Output tokens the decoder direction raises most, strongest first."""
-    suppressed: list[TokenEffect]
-    """Output tokens it lowers most, strongest (most negative) first."""
-    labels: list[Label]
-    """Oldest first."""
-
-
-@dataclass(frozen=True)
-class Example:
-    """A token window around one activation of a feature."""
-
-    tokens: list[str]
-    token_ids: list[int]
-    acts: list[float]
-    """The feature's activation on every token of the window."""
-    max_index: int
-    """Index in `tokens` of the activating token the example was chosen for."""
-    max_act: float
-    """Activation at `max_index`."""
-    sequence: int
-    """Index of the context (packed token sequence) in the analysed stream."""
-    position: int
-    """Position of the activating token inside that context."""
-    quantile: int | None = None
-    """For quantile examples: bucket 0 (weakest) .. n_quantiles-1 (strongest); else None."""
-
-
-# -- what an analysis hands to the store -----------------------------------------------------
-
-
-@dataclass
-class FeatureArrays:
-    """The full result of one analysis, as numpy arrays (F = d_sae, N = n_top, W = window,
-    Q = sampled examples, B = histogram bins, K = logit-effect list length).
-
-    Empty example slots have sequence -1; padding tokens in windows have id -1.
-    """
-
-    meta: StoreMeta
-    vocab: list[str]
-    """Display string of every token id."""
-    n_fires: np.ndarray  # [F] int64
-    sum_acts: np.ndarray  # [F] float64, over firing tokens
-    max_act: np.ndarray  # [F] float32
-    hist_counts: np.ndarray  # [F, B] int64
-    top_token_ids: np.ndarray  # [F, N, W] int32
-    top_acts: np.ndarray  # [F, N, W] float32
-    top_sequence: np.ndarray  # [F, N] int64
-    top_position: np.ndarray  # [F, N] int32
-    q_token_ids: np.ndarray  # [F, Q, W] int32
-    q_acts: np.ndarray  # [F, Q, W] float32
-    q_sequence: np.ndarray  # [F, Q] int64
-    q_position: np.ndarray  # [F, Q] int32
-    q_bucket: np.ndarray  # [F, Q] int16
-    promoted_ids: np.ndarray  # [F, K] int32
-    promoted_values: np.ndarray  # [F, K] float32
-    suppressed_ids: np.ndarray  # [F, K] int32
-    suppressed_values: np.ndarray  # [F, K] float32
-
-    ARRAY_FIELDS: ClassVar[tuple[str, ...]] = (
-        "n_fires",
-        "sum_acts",
-        "max_act",
-        "hist_counts",
-        "top_token_ids",
-        "top_acts",
-        "top_sequence",
-        "top_position",
-        "q_token_ids",
-        "q_acts",
-        "q_sequence",
-        "q_position",
-        "q_bucket",
-        "promoted_ids",
-        "promoted_values",
-        "suppressed_ids",
-        "suppressed_values",
-    )
-
-    def validate(self) -> None:
-        F = self.meta.d_sae
-        for name in self.ARRAY_FIELDS:
-            arr = getattr(self, name)
-            if arr.shape[0] != F:
-                raise ValueError(f"FeatureArrays.{name} has {arr.shape[0]} rows, d_sae is {F}")
-
-
 # -- the store -------------------------------------------------------------------------------
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS features (
-    feature_id INTEGER PRIMARY KEY,
-    n_fires INTEGER NOT NULL,
-    density REAL NOT NULL,
-    mean_act REAL NOT NULL,
-    max_act REAL NOT NULL,
-    top_tokens TEXT NOT NULL,      -- JSON list of strings
-    promoted TEXT NOT NULL,        -- JSON [[token, token_id, value], ...]
-    suppressed TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS features_density ON features(density);
-CREATE INDEX IF NOT EXISTS features_max_act ON features(max_act);
-CREATE INDEX IF NOT EXISTS features_mean_act ON features(mean_act);
-CREATE TABLE IF NOT EXISTS labels (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    feature_id INTEGER NOT NULL,
-    text TEXT NOT NULL,
-    author TEXT NOT NULL,
-    created_at TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS labels_feature ON labels(feature_id, id);
-CREATE VIRTUAL TABLE IF NOT EXISTS feature_fts USING fts5(labels, top_tokens, logits);
-"""
 
 
 def _now() -> str:
@@ -323,7 +142,7 @@ class FeatureStore:
         store = cls(root, readonly)
         if not readonly:
             # executescript manages its own transaction; every statement is idempotent.
-            store._conn().executescript(_SCHEMA)
+            store._conn().executescript(SCHEMA)
             with store._write() as conn:
                 conn.execute(
                     "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
@@ -622,7 +441,7 @@ class FeatureStore:
                 (feature_id, text, author.strip(), created),
             )
             label_id = cur.lastrowid
-            self._reindex(conn, [feature_id])
+            reindex(conn, [feature_id])
         assert label_id is not None
         return Label(int(label_id), feature_id, text, author.strip(), created)
 
@@ -636,7 +455,7 @@ class FeatureStore:
                     tmp / f"{field_name}.npy", np.ascontiguousarray(getattr(arrays, field_name))
                 )
             (tmp / "vocab.json").write_text(json.dumps(arrays.vocab))
-        rows = list(self._feature_rows(arrays))
+        rows = list(feature_rows(arrays))
         try:
             with self._write() as conn:
                 previous = self._meta_value(conn, "arrays_dir")
@@ -654,72 +473,13 @@ class FeatureStore:
                         "INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value))
                     )
                 conn.execute("DELETE FROM feature_fts")
-                self._reindex(conn, None)
+                reindex(conn, None)
         except BaseException:
             shutil.rmtree(self.root / name, ignore_errors=True)
             raise
         self._remove_stale_arrays(keep={name, previous})
         logger.info("feature store %s: generation %d (%s)", self.root, generation, name)
         return meta
-
-    @staticmethod
-    def _feature_rows(a: FeatureArrays) -> Iterator[tuple[Any, ...]]:
-        n_tokens = max(a.meta.n_tokens, 1)
-        vocab = a.vocab
-
-        def tok(i: int) -> str:
-            return vocab[i] if 0 <= i < len(vocab) else f"<{i}>"
-
-        before = a.meta.context_before
-        for f in range(a.meta.d_sae):
-            fires = int(a.n_fires[f])
-            seen: dict[str, None] = {}
-            for slot in np.flatnonzero(a.top_sequence[f] >= 0):
-                seen.setdefault(tok(int(a.top_token_ids[f, slot, before])), None)
-            effects = [
-                json.dumps(
-                    [[tok(int(i)), int(i), float(v)] for i, v in zip(ids, vals, strict=True)]
-                )
-                for ids, vals in (
-                    (a.promoted_ids[f], a.promoted_values[f]),
-                    (a.suppressed_ids[f], a.suppressed_values[f]),
-                )
-            ]
-            yield (
-                f,
-                fires,
-                fires / n_tokens,
-                float(a.sum_acts[f]) / fires if fires else 0.0,
-                float(a.max_act[f]),
-                json.dumps(list(seen)[:20]),
-                *effects,
-            )
-
-    @staticmethod
-    def _reindex(conn: sqlite3.Connection, feature_ids: list[int] | None) -> None:
-        """Rebuild the FTS rows of some features (all if None) from features + labels."""
-        where = ""
-        if feature_ids is not None:
-            id_list = ",".join(str(int(i)) for i in feature_ids)
-            where = f"WHERE f.feature_id IN ({id_list})"
-            conn.execute(f"DELETE FROM feature_fts WHERE rowid IN ({id_list})")
-        rows = conn.execute(
-            "SELECT f.feature_id, f.top_tokens, f.promoted, f.suppressed, "
-            "(SELECT group_concat(text, ' ') FROM labels l WHERE l.feature_id = f.feature_id) "
-            f"FROM features f {where}"
-        ).fetchall()
-        conn.executemany(
-            "INSERT INTO feature_fts (rowid, labels, top_tokens, logits) VALUES (?, ?, ?, ?)",
-            [
-                (
-                    fid,
-                    labels or "",
-                    " ".join(json.loads(top)),
-                    " ".join(e[0] for e in json.loads(prom) + json.loads(supp)),
-                )
-                for fid, top, prom, supp, labels in rows
-            ],
-        )
 
     def _remove_stale_arrays(self, keep: set[str | None]) -> None:
         for path in self.root.glob("arrays-*"):

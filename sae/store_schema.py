@@ -1,0 +1,99 @@
+"""The SQLite side of the feature store (sae/store.py): the schema, how one analysis
+becomes rows of the `features` table, and how the full-text index is rebuilt from those rows
+and the labels. Everything here runs inside a transaction the store opened.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from sae.store_records import FeatureArrays
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS features (
+    feature_id INTEGER PRIMARY KEY,
+    n_fires INTEGER NOT NULL,
+    density REAL NOT NULL,
+    mean_act REAL NOT NULL,
+    max_act REAL NOT NULL,
+    top_tokens TEXT NOT NULL,      -- JSON list of strings
+    promoted TEXT NOT NULL,        -- JSON [[token, token_id, value], ...]
+    suppressed TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS features_density ON features(density);
+CREATE INDEX IF NOT EXISTS features_max_act ON features(max_act);
+CREATE INDEX IF NOT EXISTS features_mean_act ON features(mean_act);
+CREATE TABLE IF NOT EXISTS labels (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    feature_id INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    author TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS labels_feature ON labels(feature_id, id);
+CREATE VIRTUAL TABLE IF NOT EXISTS feature_fts USING fts5(labels, top_tokens, logits);
+"""
+
+
+def feature_rows(a: FeatureArrays) -> Iterator[tuple[Any, ...]]:
+    """One `features` row per feature, in the column order of SCHEMA."""
+    n_tokens = max(a.meta.n_tokens, 1)
+    vocab = a.vocab
+
+    def tok(i: int) -> str:
+        return vocab[i] if 0 <= i < len(vocab) else f"<{i}>"
+
+    before = a.meta.context_before
+    for f in range(a.meta.d_sae):
+        fires = int(a.n_fires[f])
+        seen: dict[str, None] = {}
+        for slot in np.flatnonzero(a.top_sequence[f] >= 0):
+            seen.setdefault(tok(int(a.top_token_ids[f, slot, before])), None)
+        effects = [
+            json.dumps([[tok(int(i)), int(i), float(v)] for i, v in zip(ids, vals, strict=True)])
+            for ids, vals in (
+                (a.promoted_ids[f], a.promoted_values[f]),
+                (a.suppressed_ids[f], a.suppressed_values[f]),
+            )
+        ]
+        yield (
+            f,
+            fires,
+            fires / n_tokens,
+            float(a.sum_acts[f]) / fires if fires else 0.0,
+            float(a.max_act[f]),
+            json.dumps(list(seen)[:20]),
+            *effects,
+        )
+
+
+def reindex(conn: sqlite3.Connection, feature_ids: list[int] | None) -> None:
+    """Rebuild the FTS rows of some features (all if None) from features + labels."""
+    where = ""
+    if feature_ids is not None:
+        id_list = ",".join(str(int(i)) for i in feature_ids)
+        where = f"WHERE f.feature_id IN ({id_list})"
+        conn.execute(f"DELETE FROM feature_fts WHERE rowid IN ({id_list})")
+    rows = conn.execute(
+        "SELECT f.feature_id, f.top_tokens, f.promoted, f.suppressed, "
+        "(SELECT group_concat(text, ' ') FROM labels l WHERE l.feature_id = f.feature_id) "
+        f"FROM features f {where}"
+    ).fetchall()
+    conn.executemany(
+        "INSERT INTO feature_fts (rowid, labels, top_tokens, logits) VALUES (?, ?, ?, ?)",
+        [
+            (
+                fid,
+                labels or "",
+                " ".join(json.loads(top)),
+                " ".join(e[0] for e in json.loads(prom) + json.loads(supp)),
+            )
+            for fid, top, prom, supp, labels in rows
+        ],
+    )
