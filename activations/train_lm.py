@@ -13,13 +13,15 @@ library (activations/corpus.py). Steps:
 
 A killed run resumes from its last checkpoint in the work directory: the batch of step `s` is
 drawn from a generator seeded by (seed, s), so a resumed run sees the same data.
+
+This module is the optimisation loop, the run driver and the CLI; the configuration is
+activations/lm_config.py, the tokenizer and token streams activations/lm_data.py, and the
+evaluation and model card activations/lm_eval.py (their public names are re-exported here).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import itertools
 import json
 import logging
 import math
@@ -27,155 +29,64 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-from jaxtyping import Int
 
-from activations.model import BUNDLED_DIR, heal_prompt
+from activations.lm_config import TrainLMConfig, config_hash
+from activations.lm_data import (
+    EOT,
+    PreparedData,
+    prepare_data,
+    sample_batch,
+    tokenize_stream,
+    train_tokenizer,
+    validation_contexts,
+)
+from activations.lm_eval import (
+    greedy_sample,
+    model_card,
+    portable_tokenizer_config,
+    unigram_entropy,
+    validation_loss,
+)
+from activations.model import BUNDLED_DIR
 from sae.errors import UserError
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
+__all__ = [
+    "EOT",
+    "SAMPLE_PROMPTS",
+    "PreparedData",
+    "TrainLMConfig",
+    "add_parser",
+    "build_model",
+    "claim_work_dir",
+    "config_hash",
+    "default_work_dir",
+    "greedy_sample",
+    "lr_at",
+    "make_optimizer",
+    "model_card",
+    "portable_tokenizer_config",
+    "prepare_data",
+    "run",
+    "run_training",
+    "sample_batch",
+    "tokenize_stream",
+    "train_model",
+    "train_tokenizer",
+    "unigram_entropy",
+    "validation_contexts",
+    "validation_loss",
+]
+
 logger = logging.getLogger(__name__)
 
-EOT = "<|endoftext|>"
 SAMPLE_PROMPTS = ("def ", "import ", "class ", "    for ")
-
-
-@dataclass(frozen=True)
-class TrainLMConfig:
-    out: Path = BUNDLED_DIR
-    """Output Hugging Face model directory; replaced atomically when training ends."""
-    work_dir: Path | None = None
-    """Checkpoints and tokenized corpus (default: ~/.cache/sae/train-lm/<config hash>)."""
-    vocab_size: int = 4096
-    """BPE vocabulary size including the <|endoftext|> token (issue 3 asks for 4-8k; 4096
-    keeps the unembedding, the dominant cost of a one-layer model, cheap on CPU)."""
-    d_model: int = 128
-    """Residual stream width."""
-    d_mlp: int = 512
-    """MLP neurons (the layer dictionaries are trained on)."""
-    n_heads: int = 4
-    """Attention heads."""
-    n_layers: int = 1
-    """Transformer blocks."""
-    n_ctx: int = 256
-    """Context length in tokens, BOS included."""
-    batch_size: int = 32
-    """Contexts per optimizer step."""
-    steps: int = 1200
-    """Optimizer steps; tokens seen = steps * batch_size * n_ctx."""
-    lr: float = 3e-3
-    """Peak learning rate of AdamW."""
-    warmup_steps: int = 100
-    """Linear warm-up steps before the cosine decay."""
-    min_lr_ratio: float = 0.1
-    """The cosine decays to lr * min_lr_ratio at the last step."""
-    weight_decay: float = 0.1
-    """AdamW decoupled weight decay on matrices (not on biases or LayerNorm gains)."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value (0 disables)."""
-    seed: int = 0
-    """Seed for initialisation and batch sampling."""
-    threads: int = 2
-    """torch CPU threads (the project's reference machine has 2 cores)."""
-    device: str = "cpu"
-    """torch device to train on."""
-    checkpoint_every: int = 100
-    """Write a resumable checkpoint every this many steps."""
-    max_docs: int | None = None
-    """Use only the first N documents of each split (quick smoke runs)."""
-    eval_batch_size: int = 64
-    """Contexts per forward pass when measuring validation loss."""
-    sample_tokens: int = 32
-    """Greedy tokens generated after each prompt for the model card."""
-
-    def __post_init__(self) -> None:
-        positive = ("vocab_size", "d_model", "d_mlp", "n_heads", "n_layers", "batch_size")
-        for name in (*positive, "steps", "checkpoint_every", "eval_batch_size", "threads"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.vocab_size < 257:
-            raise ValueError("vocab_size must exceed 256 (the byte alphabet plus <|endoftext|>)")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if self.n_ctx < 2:
-            raise ValueError("n_ctx must be at least 2")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("min_lr_ratio must be in [0, 1]")
-        if self.max_docs is not None and self.max_docs <= 0:
-            raise ValueError("max_docs must be positive")
-
-
-def config_hash(cfg: TrainLMConfig) -> str:
-    """Identity of a run: everything that changes the result, plus the interpreter's stdlib."""
-    from sae.dataclass_cli import to_dict
-
-    keep = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "work_dir", "threads")}
-    # Settings that do not change the trained weights may differ on resume.
-    keep["checkpoint_every"] = None
-    keep.pop("sample_tokens")
-    keep["python"] = sys.version.split()[0]
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def train_tokenizer(texts: list[str], vocab_size: int, n_ctx: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (GPT-2 style, no prefix space) with <|endoftext|> as BOS and EOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=EOT,
-        eos_token=EOT,
-        model_max_length=n_ctx,
-        clean_up_tokenization_spaces=False,
-    )
-
-
-def tokenize_stream(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> np.ndarray:
-    """One uint16/int32 stream: `<|endoftext|>` then the tokens of each document, in order."""
-    bos = tokenizer.bos_token_id
-    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-    dtype = np.uint16 if len(tokenizer) <= 65536 else np.int32
-    parts = [np.asarray([bos, *enc.ids], dtype=dtype) for enc in encodings]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-
-
-def sample_batch(
-    stream: np.ndarray, bos: int, cfg: TrainLMConfig, step: int
-) -> Int[torch.Tensor, "B S"]:
-    """Random windows of n_ctx - 1 tokens, each with BOS prepended; a function of the step."""
-    rng = np.random.default_rng([cfg.seed, step])
-    starts = rng.integers(0, len(stream) - (cfg.n_ctx - 1), size=cfg.batch_size)
-    windows = np.stack([stream[s : s + cfg.n_ctx - 1] for s in starts]).astype(np.int64)
-    return torch.cat(
-        [torch.full((cfg.batch_size, 1), bos, dtype=torch.long), torch.from_numpy(windows)], 1
-    )
-
-
-def validation_contexts(stream: np.ndarray, bos: int, n_ctx: int) -> Int[torch.Tensor, "B S"]:
-    """Consecutive non-overlapping windows of the whole stream (a ragged tail is dropped)."""
-    n = len(stream) // (n_ctx - 1)
-    if n == 0:
-        raise UserError(f"the validation split has fewer than {n_ctx - 1} tokens")
-    body = torch.from_numpy(stream[: n * (n_ctx - 1)].astype(np.int64)).view(n, n_ctx - 1)
-    return torch.cat([torch.full((n, 1), bos, dtype=torch.long), body], 1)
 
 
 def lr_at(step: int, cfg: TrainLMConfig) -> float:
@@ -185,51 +96,6 @@ def lr_at(step: int, cfg: TrainLMConfig) -> float:
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
-
-
-@torch.no_grad()
-def validation_loss(
-    model: GPT2LMHeadModel, contexts: Int[torch.Tensor, "B S"], batch_size: int
-) -> float:
-    """Mean next-token cross-entropy in nats over every target (positions 1..n_ctx-1)."""
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, len(contexts), batch_size):
-        x_BS = contexts[i : i + batch_size].to(device)
-        logits = model(input_ids=x_BS).logits[:, :-1].float()
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), x_BS[:, 1:].reshape(-1), reduction="sum"
-        ).item()
-        count += x_BS[:, 1:].numel()
-    return total / count
-
-
-def unigram_entropy(contexts: Int[torch.Tensor, "B S"], vocab_size: int) -> float:
-    """Entropy (nats) of the empirical token distribution of the same validation targets:
-    the loss of the best context-free predictor, fitted on the test data itself."""
-    counts = torch.bincount(contexts[:, 1:].reshape(-1), minlength=vocab_size).double()
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * p.log()).sum())
-
-
-@torch.no_grad()
-def greedy_sample(
-    model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, prompt: str, n: int = 32
-) -> str:
-    """The prompt continued by n greedy tokens (BOS-prefixed, as in training), with token
-    healing (`activations.model.heal_prompt`) so that "def " continues with a name."""
-    model.eval()
-    device = next(model.parameters()).device
-    ids, allowed = heal_prompt(tokenizer, prompt)
-    for _ in range(n):
-        window = torch.tensor([ids[-model.config.n_positions :]], device=device)
-        logits = model(input_ids=window).logits[0, -1]
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed[: len(logits)].to(device), float("-inf"))
-            allowed = None
-        ids.append(int(logits.argmax()))
-    return str(tokenizer.decode(ids[1:], clean_up_tokenization_spaces=False))
 
 
 def build_model(cfg: TrainLMConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
@@ -263,15 +129,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainLMConfig) -> torch.optim.Ad
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
-class PreparedData(NamedTuple):
-    """The tokenizer and the two token streams of a run."""
-
-    tokenizer: PreTrainedTokenizerFast
-    train: np.ndarray
-    validation: np.ndarray
-    corpus: dict[str, Any]
-
-
 def default_work_dir(cfg: TrainLMConfig) -> Path:
     return Path.home() / ".cache" / "sae" / "train-lm" / config_hash(cfg)
 
@@ -293,50 +150,6 @@ def claim_work_dir(work: Path, run_id: str) -> None:
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_json(marker, {"config_hash": run_id})
     logger.info("work directory %s (new run %s)", work, run_id)
-
-
-def prepare_data(cfg: TrainLMConfig, work: Path) -> PreparedData:
-    """Train the tokenizer and tokenize both splits, or reuse them from the work directory."""
-    from transformers import PreTrainedTokenizerFast
-
-    from activations.corpus import iter_files
-    from sae.atomic import atomic_dir, atomic_path, atomic_write_json
-
-    tok_dir, info_path = work / "tokenizer", work / "corpus.json"
-    if tok_dir.is_dir() and info_path.is_file():
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
-        streams = {s: np.load(work / f"{s}.npy") for s in ("train", "validation")}
-        logger.info("reusing tokenizer and token streams from %s", work)
-        return PreparedData(
-            tokenizer, streams["train"], streams["validation"], json.loads(info_path.read_text())
-        )
-
-    docs = {
-        split: list(itertools.islice(iter_files(split), cfg.max_docs))
-        for split in ("train", "validation")
-    }
-    if not docs["train"] or not docs["validation"]:
-        raise UserError("the standard-library corpus is empty: no .py files found")
-    started = time.perf_counter()
-    texts = {split: [d.text for d in ds] for split, ds in docs.items()}
-    logger.info("training a %d-token BPE on %d documents", cfg.vocab_size, len(texts["train"]))
-    tokenizer = train_tokenizer(texts["train"], cfg.vocab_size, cfg.n_ctx)
-    streams = {split: tokenize_stream(tokenizer, t) for split, t in texts.items()}
-    corpus = {
-        "source": "python standard library (activations/corpus.py)",
-        "python": sys.version.split()[0],
-        "tokenizer_seconds": round(time.perf_counter() - started, 1),
-        **{f"{s}_documents": len(d) for s, d in docs.items()},
-        **{f"{s}_characters": sum(len(t) for t in texts[s]) for s in texts},
-        **{f"{s}_tokens": len(streams[s]) for s in streams},
-    }
-    with atomic_dir(tok_dir) as tmp:
-        tokenizer.save_pretrained(tmp)
-    for split, stream in streams.items():
-        with atomic_path(work / f"{split}.npy") as tmp_path, open(tmp_path, "wb") as fh:
-            np.save(fh, stream)
-    atomic_write_json(info_path, corpus)
-    return PreparedData(tokenizer, streams["train"], streams["validation"], corpus)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -413,64 +226,6 @@ def train_model(
         "final_train_loss": round(state["loss"], 4),
     }
     return model, stats
-
-
-def portable_tokenizer_config(model_dir: Path) -> None:
-    """Name the tokenizer class `PreTrainedTokenizerFast`, which transformers 4.x and 5.x both
-    load; transformers 5 writes its new internal name `TokenizersBackend`, unknown to 4.x."""
-    from sae.atomic import atomic_write_json
-
-    path = model_dir / "tokenizer_config.json"
-    config = json.loads(path.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    atomic_write_json(path, config)
-
-
-def model_card(metrics: dict[str, Any]) -> str:
-    """The README.md written next to the weights."""
-    c = metrics["config"]
-    samples = "\n\n".join(
-        f"Prompt `{p!r}` →\n\n```python\n{s}\n```" for p, s in metrics["samples"].items()
-    )
-    return f"""# {metrics["name"]}: a one-layer GPT-2 trained on the Python standard library
-
-The default model of this project (issue 3): the shape studied in Anthropic's "Towards
-Monosemanticity" (one layer, residual width {c["d_model"]}, {c["d_mlp"]} MLP neurons) in
-miniature, trained from scratch by `sae train-lm` on the `.py` files of the Python
-{metrics["corpus"]["python"]} standard library (see `activations/corpus.py` for what is in and
-out). A standard Hugging Face GPT-2 directory, so it loads through the same TransformerLens path
-as hub models: `activations.model.load_model("{metrics["name"]}")`.
-
-| | |
-|---|---|
-| layers / d_model / d_mlp / heads | {c["n_layers"]} / {c["d_model"]} / {c["d_mlp"]} / {c["n_heads"]} |
-| context | {c["n_ctx"]} tokens, first token `<|endoftext|>` (BOS) |
-| tokenizer | byte-level BPE, {metrics["vocab_size"]} tokens, trained on the train split |
-| parameters | {metrics["parameters"]:,} |
-| tokens seen | {metrics["tokens_seen"]:,} ({metrics["steps"]} steps × {c["batch_size"]} × {c["n_ctx"]}) |
-| train corpus | {metrics["corpus"]["train_documents"]} files, {metrics["corpus"]["train_tokens"]:,} tokens |
-| **validation cross-entropy** | **{metrics["val_ce_nats_per_token"]:.4f} nats/token** |
-| unigram entropy of the same {metrics["val_tokens"]:,} validation tokens | {metrics["unigram_entropy_nats_per_token"]:.4f} nats/token |
-| ratio | {metrics["val_ce_nats_per_token"] / metrics["unigram_entropy_nats_per_token"]:.3f} |
-| training time | {metrics["train_seconds"] / 60:.1f} min of optimisation, {metrics["total_seconds"] / 60:.1f} min in all, {c["threads"]} CPU threads |
-| machine | {metrics["machine"]} |
-
-The validation split is about 5% of the files, chosen by a hash of the relative path.
-The unigram entropy is that of the empirical token distribution of the validation targets
-themselves: the loss of the best context-free predictor, fitted on the test data.
-
-## Reproduce
-
-```
-{metrics["command"]}
-```
-
-Full configuration and all numbers: `training_metrics.json` (written by the run).
-
-## Greedy samples
-
-{samples}
-"""
 
 
 def run_training(cfg: TrainLMConfig, command: str = "sae train-lm") -> dict[str, Any]:

@@ -1,0 +1,121 @@
+"""Evaluation and the model card of `sae train-lm` (activations/train_lm.py): validation
+cross-entropy next to the unigram entropy of the same tokens, greedy samples, and the README
+written next to the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Int
+
+from activations.model import heal_prompt
+
+if TYPE_CHECKING:
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+
+@torch.no_grad()
+def validation_loss(
+    model: GPT2LMHeadModel, contexts: Int[torch.Tensor, "B S"], batch_size: int
+) -> float:
+    """Mean next-token cross-entropy in nats over every target (positions 1..n_ctx-1)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(contexts), batch_size):
+        x_BS = contexts[i : i + batch_size].to(device)
+        logits = model(input_ids=x_BS).logits[:, :-1].float()
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), x_BS[:, 1:].reshape(-1), reduction="sum"
+        ).item()
+        count += x_BS[:, 1:].numel()
+    return total / count
+
+
+def unigram_entropy(contexts: Int[torch.Tensor, "B S"], vocab_size: int) -> float:
+    """Entropy (nats) of the empirical token distribution of the same validation targets:
+    the loss of the best context-free predictor, fitted on the test data itself."""
+    counts = torch.bincount(contexts[:, 1:].reshape(-1), minlength=vocab_size).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
+@torch.no_grad()
+def greedy_sample(
+    model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, prompt: str, n: int = 32
+) -> str:
+    """The prompt continued by n greedy tokens (BOS-prefixed, as in training), with token
+    healing (`activations.model.heal_prompt`) so that "def " continues with a name."""
+    model.eval()
+    device = next(model.parameters()).device
+    ids, allowed = heal_prompt(tokenizer, prompt)
+    for _ in range(n):
+        window = torch.tensor([ids[-model.config.n_positions :]], device=device)
+        logits = model(input_ids=window).logits[0, -1]
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed[: len(logits)].to(device), float("-inf"))
+            allowed = None
+        ids.append(int(logits.argmax()))
+    return str(tokenizer.decode(ids[1:], clean_up_tokenization_spaces=False))
+
+
+def portable_tokenizer_config(model_dir: Path) -> None:
+    """Name the tokenizer class `PreTrainedTokenizerFast`, which transformers 4.x and 5.x both
+    load; transformers 5 writes its new internal name `TokenizersBackend`, unknown to 4.x."""
+    from sae.atomic import atomic_write_json
+
+    path = model_dir / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    atomic_write_json(path, config)
+
+
+def model_card(metrics: dict[str, Any]) -> str:
+    """The README.md written next to the weights."""
+    c = metrics["config"]
+    samples = "\n\n".join(
+        f"Prompt `{p!r}` →\n\n```python\n{s}\n```" for p, s in metrics["samples"].items()
+    )
+    return f"""# {metrics["name"]}: a one-layer GPT-2 trained on the Python standard library
+
+The default model of this project (issue 3): the shape studied in Anthropic's "Towards
+Monosemanticity" (one layer, residual width {c["d_model"]}, {c["d_mlp"]} MLP neurons) in
+miniature, trained from scratch by `sae train-lm` on the `.py` files of the Python
+{metrics["corpus"]["python"]} standard library (see `activations/corpus.py` for what is in and
+out). A standard Hugging Face GPT-2 directory, so it loads through the same TransformerLens path
+as hub models: `activations.model.load_model("{metrics["name"]}")`.
+
+| | |
+|---|---|
+| layers / d_model / d_mlp / heads | {c["n_layers"]} / {c["d_model"]} / {c["d_mlp"]} / {c["n_heads"]} |
+| context | {c["n_ctx"]} tokens, first token `<|endoftext|>` (BOS) |
+| tokenizer | byte-level BPE, {metrics["vocab_size"]} tokens, trained on the train split |
+| parameters | {metrics["parameters"]:,} |
+| tokens seen | {metrics["tokens_seen"]:,} ({metrics["steps"]} steps × {c["batch_size"]} × {c["n_ctx"]}) |
+| train corpus | {metrics["corpus"]["train_documents"]} files, {metrics["corpus"]["train_tokens"]:,} tokens |
+| **validation cross-entropy** | **{metrics["val_ce_nats_per_token"]:.4f} nats/token** |
+| unigram entropy of the same {metrics["val_tokens"]:,} validation tokens | {metrics["unigram_entropy_nats_per_token"]:.4f} nats/token |
+| ratio | {metrics["val_ce_nats_per_token"] / metrics["unigram_entropy_nats_per_token"]:.3f} |
+| training time | {metrics["train_seconds"] / 60:.1f} min of optimisation, {metrics["total_seconds"] / 60:.1f} min in all, {c["threads"]} CPU threads |
+| machine | {metrics["machine"]} |
+
+The validation split is about 5% of the files, chosen by a hash of the relative path.
+The unigram entropy is that of the empirical token distribution of the validation targets
+themselves: the loss of the best context-free predictor, fitted on the test data.
+
+## Reproduce
+
+```
+{metrics["command"]}
+```
+
+Full configuration and all numbers: `training_metrics.json` (written by the run).
+
+## Greedy samples
+
+{samples}
+"""
