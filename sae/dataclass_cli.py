@@ -56,7 +56,10 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
+    """1/true/yes/on -> True, 0/false/no/off -> False (any case). Otherwise an
+    `argparse.ArgumentTypeError`, whose message argparse prints as is; the server reads its
+    boolean environment settings with this too (server/settings.py)."""
     low = text.strip().lower()
     if low in ("1", "true", "yes", "on"):
         return True
@@ -77,7 +80,7 @@ def _converter(tp: Any) -> tuple[Any, dict[str, Any]]:
         conv, _extra = _converter(inner)
         return conv, {"nargs": "*" if optional else "+"}
     if tp is bool:
-        return _parse_bool, {"metavar": "BOOL"}
+        return parse_bool, {"metavar": "BOOL"}
     if tp in (int, float, str):
         return tp, {}
     if tp is Path:

@@ -4,12 +4,14 @@ listens instead of surfacing as a 500 on the first request."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from sae.dataclass_cli import parse_bool
 from sae.errors import UserError
 
 ENV_PREFIX = "SAE_SERVE_"
@@ -103,15 +105,6 @@ def spec_path(spec: str) -> str:
     return spec.split("=", 1)[1] if "=" in spec else spec
 
 
-def _parse_bool(text: str) -> bool:
-    low = text.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true/false, got {text!r}")
-
-
 def settings_from_env(
     environ: typing.Mapping[str, str] | None = None, **given: Any
 ) -> ServerSettings:
@@ -126,14 +119,14 @@ def settings_from_env(
         tp = hints[f.name]
         try:
             if tp is bool:
-                values[f.name] = _parse_bool(raw)
+                values[f.name] = parse_bool(raw)
             elif tp is int:
                 values[f.name] = int(raw)
             elif typing.get_origin(tp) is list:
                 values[f.name] = [s for s in raw.split(",") if s]
             else:
                 values[f.name] = raw
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
             raise UserError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: {e}") from None
     values.update({k: v for k, v in given.items() if v is not None})
     return ServerSettings(**values)
