@@ -10,25 +10,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.live_server import free_port, wait_until_ready
 
 
 @pytest.mark.slow
 def test_demo_pipeline_end_to_end(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "demo"
     cmd = [
         sys.executable, "-m", "sae.cli", "demo", "--out", str(out),
@@ -48,16 +42,7 @@ def test_demo_pipeline_end_to_end(tmp_path: Path) -> None:
             assert line, "demo exited before serving:\n" + "".join(lines[-60:])
             lines.append(line)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, "".join(lines[-40:])
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "sae serve did not become ready"
-            time.sleep(0.5)
+        wait_until_ready(proc, url, timeout=120, interval=0.5, output=lambda: "".join(lines[-40:]))
         names = [d["name"] for d in httpx.get(f"{url}/api/dictionaries").json()["dictionaries"]]
         assert len(names) == 2
         page = httpx.get(f"{url}/api/features/{names[0]}", params={"limit": 5}).json()

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -16,12 +14,7 @@ import pytest
 
 from sae.errors import UserError
 from server.settings import settings_from_env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.live_server import free_port, wait_until_ready
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -30,7 +23,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def test_sae_serve_runs_until_interrupted(dict_dirs: dict[str, Path]) -> None:
-    port = _free_port()
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -56,16 +49,7 @@ def test_sae_serve_runs_until_interrupted(dict_dirs: dict[str, Path]) -> None:
             lines.append(line)
         key = line.strip().rsplit("#key=", 1)[1]
         assert line.strip().startswith(f"open the browser with it: {url}/#key=")
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "sae serve did not become ready"
-            time.sleep(0.25)
+        wait_until_ready(proc, url, timeout=90)
         names = [d["name"] for d in httpx.get(f"{url}/api/dictionaries").json()["dictionaries"]]
         assert names == ["feats", "bare"]
         assert len(httpx.get(f"{url}/api/features/feats").json()["items"]) == 7  # --max-page
