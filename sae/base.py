@@ -14,6 +14,7 @@ An architecture is one small file that subclasses `Dictionary`, overrides `activ
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -22,20 +23,14 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from sae.registry import register_class
+
 ARCHITECTURES: dict[str, type[Dictionary]] = {}
 
 
-def register(name: str):
+def register(name: str) -> Callable[[type[Dictionary]], type[Dictionary]]:
     """Class decorator: make an architecture loadable by `name` in cfg.json."""
-
-    def deco(cls: type[Dictionary]) -> type[Dictionary]:
-        if name in ARCHITECTURES:
-            raise ValueError(f"architecture {name!r} registered twice")
-        cls.architecture = name
-        ARCHITECTURES[name] = cls
-        return cls
-
-    return deco
+    return register_class(ARCHITECTURES, name, kind="architecture", attribute="architecture")
 
 
 @dataclass

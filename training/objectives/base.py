@@ -7,6 +7,7 @@ never branches on the objective's name.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
@@ -15,6 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sae.base import Dictionary, DictionaryConfig, ForwardOutput
+from sae.registry import register_class
 
 if TYPE_CHECKING:
     from training.config import ObjectiveConfig
@@ -22,17 +24,9 @@ if TYPE_CHECKING:
 OBJECTIVES: dict[str, type[Objective]] = {}
 
 
-def register_objective(name: str):
+def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]]:
     """Class decorator: make an objective selectable as `objective.name`."""
-
-    def deco(cls: type[Objective]) -> type[Objective]:
-        if name in OBJECTIVES:
-            raise ValueError(f"objective {name!r} registered twice")
-        cls.name = name
-        OBJECTIVES[name] = cls
-        return cls
-
-    return deco
+    return register_class(OBJECTIVES, name, kind="objective", attribute="name")
 
 
 class LossOutput(NamedTuple):
@@ -116,10 +110,14 @@ class Objective:
         w = torch.randn(d.d_sae, d.d_in, generator=gen, device=gen.device)
         w = w / w.norm(dim=-1, keepdim=True) * self.decoder_row_norm()
         d.W_dec.copy_(w)
-        d.W_enc.copy_(w.T)
+        d.W_enc.copy_(w.T * self.encoder_init_scale())
         d.b_enc.zero_()
 
     def decoder_row_norm(self) -> float:
+        return 1.0
+
+    def encoder_init_scale(self) -> float:
+        """W_enc starts as W_dec^T times this."""
         return 1.0
 
     def loss(self, d: Dictionary, x: Float[Tensor, "B D"], ctx: StepContext) -> LossOutput:
