@@ -60,54 +60,50 @@ def feature_response(
     state: AppState, sd: ServedDictionary, fid: int, offset: int, limit: int
 ) -> FeatureResponse:
     """Everything known about one feature, with one page of its top examples."""
-    address = f"{sd.name}/{fid}"
     store = sd.store
+    stats: FeatureStats | None = None
+    histogram: Histogram | None = None
     if store is not None and store.has_statistics():
         rec = store.feature(fid)
         n_top = store.meta().n_top
         examples = store.top_examples(fid, 0, n_top)
         labels = [_label(lab) for lab in rec.labels]
-        return FeatureResponse(
-            address=address,
-            dictionary=sd.name,
-            feature_id=fid,
-            label=labels[-1].text if labels else None,
-            labels=labels,
-            stats=FeatureStats(
-                max_activation=rec.max_act,
-                mean_activation=rec.mean_act,
-                frequency=rec.density,
-                count=rec.n_fires,
-            ),
-            histogram=Histogram(bin_edges=rec.histogram.edges, counts=rec.histogram.counts),
-            logit_effects=LogitEffects(
-                positive=[
-                    TokenEffect(token_id=e.token_id, token=e.token, value=e.value)
-                    for e in rec.promoted
-                ],
-                negative=[
-                    TokenEffect(token_id=e.token_id, token=e.token, value=e.value)
-                    for e in rec.suppressed
-                ],
-            ),
-            top_examples=ExamplePage(
-                items=[_example(e) for e in examples[offset : offset + limit]],
-                offset=offset,
-                limit=limit,
-                total=len(examples),
-            ),
+        stats = FeatureStats(
+            max_activation=rec.max_act,
+            mean_activation=rec.mean_act,
+            frequency=rec.density,
+            count=rec.n_fires,
         )
-    labels = [_label(lab) for lab in store.labels(fid)] if store is not None else []
+        histogram = Histogram(bin_edges=rec.histogram.edges, counts=rec.histogram.counts)
+        effects = LogitEffects(
+            positive=[
+                TokenEffect(token_id=e.token_id, token=e.token, value=e.value) for e in rec.promoted
+            ],
+            negative=[
+                TokenEffect(token_id=e.token_id, token=e.token, value=e.value)
+                for e in rec.suppressed
+            ],
+        )
+        page = ExamplePage(
+            items=[_example(e) for e in examples[offset : offset + limit]],
+            offset=offset,
+            limit=limit,
+            total=len(examples),
+        )
+    else:
+        labels = [_label(lab) for lab in store.labels(fid)] if store is not None else []
+        effects = _computed_logit_effects(state, sd, fid)
+        page = ExamplePage(items=[], offset=offset, limit=limit, total=0)
     return FeatureResponse(
-        address=address,
+        address=f"{sd.name}/{fid}",
         dictionary=sd.name,
         feature_id=fid,
         label=labels[-1].text if labels else None,
         labels=labels,
-        stats=None,
-        histogram=None,
-        logit_effects=_computed_logit_effects(state, sd, fid),
-        top_examples=ExamplePage(items=[], offset=offset, limit=limit, total=0),
+        stats=stats,
+        histogram=histogram,
+        logit_effects=effects,
+        top_examples=page,
     )
 
 
