@@ -20,6 +20,13 @@ class ReluL1(Objective):
     sparsity_penalty = "l1"
     unit_norm_decoder = True
 
+    def encoder_init_scale(self) -> float:
+        # With unit decoder rows and W_enc = W_dec^T, pre-activations start at about the input's
+        # per-direction scale and half the features fire; Adam then needs thousands of steps of
+        # size lr to move b_enc far enough to sparsify. Starting the encoder at
+        # decoder_init_norm (0.1, SAELens's default) makes short runs converge.
+        return self.cfg.decoder_init_norm
+
     def loss(self, d: Dictionary, x: Float[Tensor, "B D"], ctx: StepContext) -> LossOutput:
         out = d(x)
         mse = sse(x, out.x_hat)
