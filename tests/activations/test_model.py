@@ -25,11 +25,6 @@ from activations.model import (
 from activations.train_lm import TrainLMConfig, run_training
 from sae.errors import UserError
 
-needs_bundled = pytest.mark.skipif(
-    not (BUNDLED_DIR / "model.safetensors").is_file(),
-    reason="the bundled model has not been trained yet (run `sae train-lm`)",
-)
-
 
 @pytest.fixture(scope="module")
 def bundled():
@@ -44,7 +39,6 @@ def metrics() -> dict:
 # --- the bundled model ----------------------------------------------------------------------
 
 
-@needs_bundled
 def test_bundled_model_loads_offline_with_classic_hooks(bundled) -> None:
     assert (bundled.cfg.n_layers, bundled.cfg.d_model, bundled.cfg.d_mlp) == (1, 128, 512)
     assert bundled.cfg.n_ctx == 256
@@ -59,19 +53,14 @@ def test_bundled_model_loads_offline_with_classic_hooks(bundled) -> None:
 
 
 def test_bundled_aliases_resolve_to_the_package_directory() -> None:
-    if (BUNDLED_DIR / "model.safetensors").is_file():
-        assert resolve_model_path("bundled") == resolve_model_path(BUNDLED_MODEL)
-        assert resolve_model_path("bundled") == str(BUNDLED_DIR)
-    else:
-        with pytest.raises(UserError, match="sae train-lm"):
-            resolve_model_path("bundled")
+    assert resolve_model_path("bundled") == resolve_model_path(BUNDLED_MODEL)
+    assert resolve_model_path("bundled") == str(BUNDLED_DIR)
 
 
-@needs_bundled
 def test_recorded_loss_is_far_below_the_unigram_entropy(metrics: dict) -> None:
     ce, unigram = metrics["val_ce_nats_per_token"], metrics["unigram_entropy_nats_per_token"]
-    # Regression guard for the shipped model (measured ratio 0.581); the issue's target of
-    # 0.5 is tracked by the strict xfail below.
+    # Regression guard for the shipped model (measured ratio 0.581). Issue 3's target of 0.5
+    # is not met yet; it stays open there rather than as an expected failure here.
     assert 0 < ce < 0.6 * unigram
     card = (BUNDLED_DIR / "README.md").read_text()
     assert f"{ce:.4f} nats/token" in card and f"{unigram:.4f}" in card
@@ -81,18 +70,6 @@ def test_recorded_loss_is_far_below_the_unigram_entropy(metrics: dict) -> None:
     )
 
 
-@needs_bundled
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 3 target not met: 9.8M tokens on the busy 2-core box gave 3.686 / 6.343 = "
-    "0.581; a longer run is needed (remove this mark when a better model ships)",
-)
-def test_recorded_loss_is_under_half_the_unigram_entropy(metrics: dict) -> None:
-    ce, unigram = metrics["val_ce_nats_per_token"], metrics["unigram_entropy_nats_per_token"]
-    assert ce < 0.5 * unigram
-
-
-@needs_bundled
 def test_recorded_numbers_are_those_of_the_shipped_files(metrics: dict) -> None:
     """Recompute from the shipped tokenizer and weights: unigram entropy exactly, and the
     cross-entropy on the first validation contexts close to the full-split figure."""
@@ -115,7 +92,6 @@ def test_recorded_numbers_are_those_of_the_shipped_files(metrics: dict) -> None:
         assert train_lm.greedy_sample(model, tokenizer, prompt) == metrics["samples"][prompt]
 
 
-@needs_bundled
 def test_greedy_generation_looks_like_python(metrics: dict) -> None:
     samples = metrics["samples"]
     assert re.match(r"def [A-Za-z_]\w*\(", samples["def "]), samples["def "]
@@ -131,7 +107,6 @@ SNIPPETS = [
 ]
 
 
-@needs_bundled
 def test_tokenizer_round_trips_real_source(bundled) -> None:
     tokenizer = bundled.tokenizer
     docs = [doc[:4000] for doc, _ in zip(iter_documents("validation"), range(8), strict=False)]
@@ -141,7 +116,6 @@ def test_tokenizer_round_trips_real_source(bundled) -> None:
     assert len(tokenizer.encode(docs[0], add_special_tokens=False)) < len(docs[0]) / 2
 
 
-@needs_bundled
 @settings(max_examples=60, deadline=None)
 @given(text=st.text(max_size=80))
 def test_tokenizer_round_trips_any_text(bundled, text: str) -> None:
@@ -152,7 +126,6 @@ def test_tokenizer_round_trips_any_text(bundled, text: str) -> None:
     assert tokenizer.decode(ids, clean_up_tokenization_spaces=False) == text
 
 
-@needs_bundled
 def test_heal_prompt_lets_the_first_token_absorb_a_trailing_space(bundled) -> None:
     tokenizer = bundled.tokenizer
     ids, allowed = heal_prompt(tokenizer, "def ")
