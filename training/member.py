@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -158,7 +159,7 @@ class Member:
         self.coefficient = controller.update(float(l0) / self.dist.world_size)
 
     # -- resampling ----------------------------------------------------------------------------
-    def maybe_resample(self, tokens_before: int, tokens_after: int, pool: list[Tensor]) -> int:
+    def maybe_resample(self, tokens_before: int, tokens_after: int, pool: Sequence[Tensor]) -> int:
         """Resample dead features if a scheduled point was crossed this step; returns count."""
         cfg = self.cfg
         if not cfg.resample_enabled() or not pool:
@@ -169,7 +170,7 @@ class Member:
         if tokens_after > cfg.resample.stop_fraction * cfg.total_tokens:
             return 0
         dead = self.firing.dead(cfg.resample_window_tokens())
-        inputs = torch.cat(pool).to(self.device, torch.float32) * self.scale
+        inputs = torch.cat(list(pool)).to(self.device, torch.float32) * self.scale
         ids = resample_dead_features(
             self.dictionary,
             self.optimizer,

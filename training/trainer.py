@@ -221,7 +221,7 @@ class Trainer:
         if self._keep_pool:
             self._pool.append(x)
         for m in self.members:
-            m.maybe_resample(before, self.tokens, list(self._pool))
+            m.maybe_resample(before, self.tokens, self._pool)  # copied only when resampling
         if log_now:
             self._log_rows(rows, bar)
         every = self.cfg.logging.eval_every_steps
