@@ -194,17 +194,20 @@ def _rows_of(dataset: Any, cfg: TextConfig, where: str) -> Iterator[Document]:
             yield str(value)
 
 
+def _check_bundled_options(cfg: TextConfig) -> None:
+    """UserError for options the bundled corpus cannot honour (a token column, a third split)."""
+    if cfg.token_column:
+        raise UserError("the bundled corpus is text; --token-column does not apply to it")
+    if cfg.split not in ("train", "validation"):
+        raise UserError(f"the bundled corpus has splits train and validation, not {cfg.split!r}")
+
+
 def open_documents(cfg: TextConfig) -> Iterator[Document]:
     """The documents of the configured source, in dataset order (not yet shuffled)."""
     if cfg.dataset == BUNDLED:
-        if cfg.token_column:
-            raise UserError("the bundled corpus is text; --token-column does not apply to it")
         from activations.corpus import iter_documents
 
-        if cfg.split not in ("train", "validation"):
-            raise UserError(
-                f"the bundled corpus has splits train and validation, not {cfg.split!r}"
-            )
+        _check_bundled_options(cfg)
         return iter_documents(cfg.split)  # type: ignore[arg-type]
     path = Path(cfg.dataset).expanduser()
     if not path.exists():
@@ -231,12 +234,7 @@ def check_source(cfg: TextConfig) -> None:
     """Open the source and read its first document, so a bad dataset fails before any work."""
     if cfg.dataset == BUNDLED:
         # Options only: opening the corpus walks the whole standard library (~0.3 s).
-        if cfg.token_column:
-            raise UserError("the bundled corpus is text; --token-column does not apply to it")
-        if cfg.split not in ("train", "validation"):
-            raise UserError(
-                f"the bundled corpus has splits train and validation, not {cfg.split!r}"
-            )
+        _check_bundled_options(cfg)
         return
     try:
         next(iter(open_documents(cfg)))
