@@ -194,11 +194,11 @@ def analyze(
     device = dictionary.device
     acc = FeatureAccumulator(dictionary.d_sae, cfg, device)
     bar = tqdm(total=cfg.n_tokens, unit="tok", disable=not progress, desc="analyze")
+    pad = _pad_id(model.tokenizer)
     source: Iterator[ActivationBatch]
     if cache is not None:
         from activations.prefetch import in_background
 
-        pad = _pad_id(model.tokenizer)
         source = in_background(
             cached_activations(cache, hook_name, cfg.n_tokens, text.batch_size, pad, device), 2
         )
@@ -232,7 +232,7 @@ def analyze(
             "split": text.split,
             "context_size": text.context_size,
             "architecture": dictionary.cfg.architecture,
-            "pad_token_id": _pad_id(model.tokenizer),
+            "pad_token_id": pad,
             "logit_effects": "direct path, unit decoder direction @ W_U (no final LN scale)"
             if effects is not None
             else None,
