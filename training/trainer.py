@@ -360,13 +360,12 @@ class Trainer:
         )
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop.signum is not None else 0.0], device=self.device)
+        local = self._stop.signum is not None
+        if not self.dist.enabled:
+            return local
         # Every process must stop at the same step, or the all-reduces would hang.
-        return (
-            bool(all_reduce_(flag, self.dist, op="max").item() > 0)
-            if self.dist.enabled
-            else self._stop.signum is not None
-        )
+        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
+        return bool(all_reduce_(flag, self.dist, op="max").item() > 0)
 
     def _progress(self) -> Any:
         from tqdm.auto import tqdm
