@@ -101,11 +101,10 @@ def _sae(*argv: str) -> None:
         raise UserError(f"step `sae {argv[0]}` failed (exit {code}); fix it and run demo again")
 
 
-def _step(name: str, done: bool, timings: dict[str, float]) -> bool:
+def _step(name: str, done: bool) -> bool:
     """True if the step must run; logs skips of finished steps."""
     if done:
         logger.info("%s: already done, skipping", name)
-    timings.setdefault(name, 0.0)
     return not done
 
 
@@ -117,13 +116,13 @@ def run_pipeline(cfg: DemoConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    if _step("cache", (cache / "cache_config.json").is_file() and _cache_complete(cache), timings):
+    if _step("cache", _cache_complete(cache)):
         _sae("cache", "--out", str(cache), "--model", cfg.model, "--hooks", cfg.hook,
              "--max-tokens", str(cfg.tokens), "--text.context-size", str(cfg.context_size))  # fmt: skip
     timings["cache"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if _step("train", all((d / "cfg.json").is_file() for d in dicts.values()), timings):
+    if _step("train", all((d / "cfg.json").is_file() for d in dicts.values())):
         resume = ["--resume"] if (run_dir / "checkpoint").exists() else []
         _sae("train", "--cache", str(cache), "--out-dir", str(run_dir),
              "--dictionary.d-sae", str(cfg.d_sae), "--total-tokens", str(cfg.train_tokens),
@@ -135,7 +134,7 @@ def run_pipeline(cfg: DemoConfig) -> dict[str, Any]:
 
     t = time.perf_counter()
     for d in dicts.values():
-        if _step(f"analyze {d.name}", (d / "analysis" / "features.sqlite").is_file(), timings):
+        if _step(f"analyze {d.name}", (d / "analysis" / "features.sqlite").is_file()):
             _sae(
                 "analyze",
                 str(d),
@@ -151,7 +150,7 @@ def run_pipeline(cfg: DemoConfig) -> dict[str, Any]:
     t = time.perf_counter()
     a, b = dicts["relu_l1"], dicts["topk_auxk"]
     compare_json = a / "analysis" / f"compare-{b.name}.json"
-    if _step("compare", compare_json.is_file(), timings):
+    if _step("compare", compare_json.is_file()):
         _sae("compare", str(a), str(b), "--model", cfg.model, "--out", str(compare_json),
              "--tokens", str(cfg.compare_tokens), "--show", "0",
              "--context-size", str(cfg.context_size))  # fmt: skip
