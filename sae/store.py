@@ -363,6 +363,12 @@ class FeatureStore:
             ).fetchall()
             return self._summaries(conn, [r[0] for r in rows])
 
+    def summaries(self, feature_ids: list[int]) -> list[FeatureSummary]:
+        """The list-row summary of each feature in `feature_ids`, in that order."""
+        with self._read() as conn:
+            self._require_meta(conn)
+            return self._summaries(conn, [int(i) for i in feature_ids])
+
     def labels(self, feature_id: int) -> list[Label]:
         """Labels of a feature, oldest first."""
         with self._read() as conn:

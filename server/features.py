@@ -206,20 +206,7 @@ def search_features(
     order = scores.argsort(descending=True)[offset : offset + limit].tolist()
     if sd.has_analysis():
         assert sd.store is not None
-        items = []
-        for i in order:
-            rec = sd.store.feature(i)
-            items.append(
-                FeatureSummary(
-                    address=f"{sd.name}/{i}",
-                    dictionary=sd.name,
-                    feature_id=i,
-                    label=rec.labels[-1].text if rec.labels else None,
-                    max_activation=rec.max_act,
-                    frequency=rec.density,
-                    score=float(scores[i]),
-                )
-            )
+        items = [_summary(sd, s, float(scores[s.feature_id])) for s in sd.store.summaries(order)]
     else:
         items = _bare_summaries(sd, order, [float(scores[i]) for i in order])
     return FeaturePage(items=items, offset=offset, limit=limit, total=sd.d_sae)
