@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from jaxtyping import Bool
 
+from activations.text import _first_line
 from sae.errors import UserError
 
 if TYPE_CHECKING:
@@ -121,11 +122,6 @@ def load_model(
         bridge.cfg.d_vocab,
     )
     return bridge
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _is_connection_problem(e: BaseException) -> bool:
