@@ -10,12 +10,14 @@ less than N runs. Only per-dictionary options may vary (not batch size, run leng
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
 import typing
 from collections.abc import Sequence
 from typing import Any
 
+from sae.dataclass_cli import parse_bool
 from sae.errors import UserError
 from training.config import RUN_LEVEL_FIELDS, TrainConfig
 
@@ -32,7 +34,11 @@ def _convert(text: str, tp: Any) -> Any:
             return None
         return _convert(text, args[0])
     if tp is bool:
-        return text.lower() in ("1", "true", "yes", "on")
+        # The flags' parser, so a typo ("ture") is refused instead of silently meaning False.
+        try:
+            return parse_bool(text)
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(str(e)) from None
     if tp in (int, float, str):
         return tp(text)
     raise ValueError(f"cannot sweep over a field of type {tp}")

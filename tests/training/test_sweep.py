@@ -43,3 +43,10 @@ def test_sweep_rejects_run_level_fields_and_unknown_ones(tmp_path):
         parse_sweep(["objective.nope=1,2"])
     with pytest.raises(ValueError, match="not one of"):
         parse_sweep(["objective.name=relu_l1,nope"])
+
+
+def test_sweep_parses_booleans_like_the_flags():
+    grid = parse_sweep(["dictionary.normalize_inputs=false,YES", "resample.enabled=none,on"])
+    assert grid == {"dictionary.normalize_inputs": [False, True], "resample.enabled": [None, True]}
+    with pytest.raises(ValueError, match="expected true/false"):
+        parse_sweep(["dictionary.normalize_inputs=ture"])
