@@ -1,5 +1,5 @@
-"""Running the language model for new text: tokenize, read a hook, encode with a dictionary,
-and the direct logit effect of a decoder direction.
+"""Running the language model for new text: tokenize, read a hook, and the direct logit effect
+of a decoder direction.
 
 Plain functions of (model, dictionary, text) with no HTTP in them, so everything the service
 returns can be reproduced from Python (the parity test in tests/server does exactly that).
@@ -9,7 +9,7 @@ without special tokens, so positions mean the same thing as in the stored exampl
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, TypeVar
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -21,18 +21,9 @@ from activations.text import special_ids
 from sae.base import Dictionary
 from sae.errors import UserError
 
-T = TypeVar("T")
-
 
 class LimitExceeded(UserError):
     """A request is larger than the service allows (prompt tokens, batch, new tokens)."""
-
-
-class EncodedText(NamedTuple):
-    token_ids: Int[Tensor, " T"]
-    tokens: list[str]
-    """Display string of each token (the tokenizer's decode of that one id)."""
-    feature_acts: Float[Tensor, "T F"]
 
 
 def tokenize(model: Any, text: str, max_tokens: int, prepend_bos: bool = True) -> Int[Tensor, " T"]:
@@ -62,19 +53,6 @@ def hook_activations(
     with ActivationCapture(model, [hook_name]) as capture:
         acts = capture(token_ids.to(device)[None])
     return acts[hook_name][0]
-
-
-@torch.no_grad()
-def encode_text(
-    model: Any, dictionary: Dictionary, text: str, max_tokens: int, prepend_bos: bool = True
-) -> EncodedText:
-    """Feature activations f [T, F] of `text` at the dictionary's hook."""
-    if dictionary.cfg.hook_name is None:
-        raise UserError("the dictionary's cfg.json names no hook_name; it cannot read text")
-    ids = tokenize(model, text, max_tokens, prepend_bos)
-    x = hook_activations(model, ids, dictionary.cfg.hook_name)
-    f = dictionary.encode(x.to(dictionary.device, dictionary.dtype))
-    return EncodedText(ids, token_strings(model, ids.tolist()), f.float().cpu())
 
 
 @torch.no_grad()
