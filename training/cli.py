@@ -65,7 +65,7 @@ def _load_config(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from activations.reader import CachedActivations
+    from activations.reader import CachedActivations, open_manifest
     from training.sweep import expand_grid, parse_sweep
     from training.trainer import Trainer
 
@@ -78,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
 
-    probe = CachedActivations(args.cache, args.hook, batch_size=cfg.batch_size)
-    epochs = max(1, math.ceil(cfg.total_tokens / max(1, probe.rows_per_epoch())))
+    # The manifest's row count, rather than opening the whole cache twice to learn it.
+    _, manifest = open_manifest(args.cache, args.hook)
+    epochs = max(1, math.ceil(cfg.total_tokens / max(1, int(manifest["n_tokens"]))))
     # Every process reads the whole global batch and trains on its share (training/distributed.py).
     reader = CachedActivations(
         args.cache, args.hook, batch_size=cfg.batch_size, seed=cfg.seed, epochs=epochs
