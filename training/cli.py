@@ -65,6 +65,7 @@ def _load_config(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from activations.cache import CONFIG_FILE
     from activations.reader import CachedActivations, open_manifest
     from training.sweep import expand_grid, parse_sweep
     from training.trainer import Trainer
@@ -85,14 +86,19 @@ def run(args: argparse.Namespace) -> int:
     reader = CachedActivations(
         args.cache, args.hook, batch_size=cfg.batch_size, seed=cfg.seed, epochs=epochs
     )
-    model_name = _cache_model(Path(args.cache))
+    cache_cfg = _cache_config(Path(args.cache))
+    model_name = cache_cfg.get("model") if cache_cfg else None
     for _, c in members:
         c.dictionary.hook_name = c.dictionary.hook_name or reader.hook_name
         c.dictionary.model_name = c.dictionary.model_name or model_name
 
     evaluator = None
     if args.eval_contexts > 0:
-        evaluator = _lm_evaluator(Path(args.cache), reader.hook_name, args.eval_contexts)
+        if cache_cfg is None:
+            raise UserError(
+                f"--eval-contexts needs the cache's {CONFIG_FILE} to know the model and text"
+            )
+        evaluator = _lm_evaluator(cache_cfg, reader.hook_name, args.eval_contexts)
 
     trainer = Trainer(
         [c for _, c in members],
@@ -119,22 +125,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cache_model(cache: Path) -> str | None:
+def _cache_config(cache: Path) -> dict[str, Any] | None:
+    """The cache's config (model, text, ...), for a cache root or one of its hook folders."""
     import json
 
-    cfg = cache / "cache_config.json"
-    if not cfg.is_file():
-        cfg = cache.parent / "cache_config.json"
-    if not cfg.is_file():
-        return None
-    return json.loads(cfg.read_text()).get("model")
+    from activations.cache import CONFIG_FILE
+
+    for folder in (cache, cache.parent):
+        if (folder / CONFIG_FILE).is_file():
+            return json.loads((folder / CONFIG_FILE).read_text())
+    return None
 
 
-def _lm_evaluator(cache: Path, hook_name: str, n_contexts: int) -> Any:
+def _lm_evaluator(cache_cfg: dict[str, Any], hook_name: str, n_contexts: int) -> Any:
     """Loss recovered with the cache's model on the first contexts of the cache's text."""
     import copy
     import itertools
-    import json
 
     import torch
 
@@ -143,10 +149,6 @@ def _lm_evaluator(cache: Path, hook_name: str, n_contexts: int) -> Any:
     from sae.dataclass_cli import from_dict
     from training.evals import loss_recovered
 
-    cfg_path = cache / "cache_config.json"
-    if not cfg_path.is_file():
-        raise UserError(f"--eval-contexts needs {cfg_path} to know the model and text")
-    cache_cfg = json.loads(cfg_path.read_text())
     model = load_model(cache_cfg["model"])
     text_cfg = from_dict(TextConfig, cache_cfg["text"])
     contexts = list(itertools.islice(iter_contexts(text_cfg, model.tokenizer), n_contexts))
