@@ -46,13 +46,15 @@ def token_strings(model: Any, token_ids: list[int]) -> list[str]:
 
 @torch.no_grad()
 def hook_activations(
-    model: Any, token_ids: Int[Tensor, " T"], hook_name: str
-) -> Float[Tensor, "T D"]:
-    """The activation at `hook_name` for every token (one forward pass that stops there)."""
+    model: Any, token_ids: Int[Tensor, "*B T"], hook_name: str
+) -> Float[Tensor, "*B T D"]:
+    """The activation at `hook_name` for every token of one text [T] or a batch [B, T]
+    (one forward pass that stops there)."""
     device = next(model.parameters()).device
+    batch = token_ids if token_ids.dim() == 2 else token_ids[None]
     with ActivationCapture(model, [hook_name]) as capture:
-        acts = capture(token_ids.to(device)[None])
-    return acts[hook_name][0]
+        acts = capture(batch.to(device))[hook_name]
+    return acts if token_ids.dim() == 2 else acts[0]
 
 
 @torch.no_grad()

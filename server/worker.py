@@ -28,7 +28,7 @@ from jaxtyping import Float, Int
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
-from activations.hooks import ActivationCapture
+from server.inference import hook_activations
 
 T = TypeVar("T")
 
@@ -94,7 +94,7 @@ class ModelQueue:
     def activations(self, model: Any, hook: str, ids: Int[Tensor, " T"]) -> Float[Tensor, "T D"]:
         """The activation at `hook` for each token of `ids`, computed in a (shared) batch."""
         if threading.current_thread() is self._thread:  # already on the worker: just run it
-            return _capture(model, hook, ids[None])[0]
+            return hook_activations(model, ids, hook)
         return self._put(_Job(Future(), model=model, hook=hook, ids=ids)).result()
 
     def close(self) -> None:
@@ -146,7 +146,7 @@ class ModelQueue:
                 for row, job in enumerate(jobs):
                     tokens[row, : lengths[row]] = job.ids
                     tokens[row, lengths[row] :] = job.ids[-1]  # right padding: never attended
-                acts = _capture(jobs[0].model, jobs[0].hook, tokens)
+                acts = hook_activations(jobs[0].model, tokens, jobs[0].hook)
                 self.batches += 1
                 self.batched_jobs += len(jobs)
                 for row, job in enumerate(jobs):
@@ -155,10 +155,3 @@ class ModelQueue:
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(e)
-
-
-@torch.no_grad()
-def _capture(model: Any, hook: str, tokens: Int[Tensor, "B T"]) -> Float[Tensor, "B T D"]:
-    device = next(model.parameters()).device
-    with ActivationCapture(model, [hook]) as capture:
-        return capture(tokens.to(device))[hook]
