@@ -119,7 +119,7 @@ class Member:
         fired = all_reduce_((f != 0).sum(0).float(), self.dist)
         self.firing.update(fired > 0, global_tokens)
         self.density.update(fired, global_tokens)
-        self._steer(step, f)
+        self._steer(step, fired, global_tokens)
         if not want_metrics:
             return {}
         metrics: dict[str, Tensor | float] = {"loss": res.loss.detach(), "lr": lr, "coef": coef}
@@ -142,8 +142,11 @@ class Member:
         stacked /= self.dist.world_size
         return {**metrics, **dict(zip(keys, stacked.unbind(), strict=True))}
 
-    def _steer(self, step: int, f: Tensor) -> None:
-        """Target-L0 controller, after the sparsity warm-up (its ramp would fool it)."""
+    def _steer(self, step: int, fired: Tensor, global_tokens: int) -> None:
+        """Target-L0 controller, after the sparsity warm-up (its ramp would fool it).
+
+        The batch L0 is the firing counts (already summed over processes) per token, rather
+        than another pass over the codes and another all-reduce."""
         target = self.cfg.objective.target_l0
         if target is None or self.objective.sparsity_penalty == "none":
             return
@@ -154,9 +157,9 @@ class Member:
             < 1
         ):
             return
-        l0 = all_reduce_((f != 0).float().sum(-1).mean().reshape(1), self.dist)
+        l0 = fired.sum() / global_tokens
         controller = L0Controller(target, self.cfg.objective.target_l0_rate, self.coefficient)
-        self.coefficient = controller.update(float(l0) / self.dist.world_size)
+        self.coefficient = controller.update(float(l0))
 
     # -- resampling ----------------------------------------------------------------------------
     def maybe_resample(self, tokens_before: int, tokens_after: int, pool: Sequence[Tensor]) -> int:
