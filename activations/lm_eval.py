@@ -95,6 +95,8 @@ as hub models: `activations.model.load_model("{metrics["name"]}")`.
 | context | {c["n_ctx"]} tokens, first token `<|endoftext|>` (BOS) |
 | tokenizer | byte-level BPE, {metrics["vocab_size"]} tokens, trained on the train split |
 | parameters | {metrics["parameters"]:,} |
+| unembedding | {"tied to" if c["tie_embeddings"] else "separate from"} the token embedding |
+| optimisation | AdamW, peak lr {c["lr"]}, {c["warmup_steps"]} warm-up steps, cosine to {c["min_lr_ratio"]} of peak; {c["autocast"]} autocast{", torch.compile" if c["compile"] else ""} |
 | tokens seen | {metrics["tokens_seen"]:,} ({metrics["steps"]} steps × {c["batch_size"]} × {c["n_ctx"]}) |
 | train corpus | {metrics["corpus"]["train_documents"]} files, {metrics["corpus"]["train_tokens"]:,} tokens |
 | **validation cross-entropy** | **{metrics["val_ce_nats_per_token"]:.4f} nats/token** |

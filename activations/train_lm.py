@@ -27,12 +27,14 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from jaxtyping import Int
 
 from activations.lm_config import TrainLMConfig, config_hash
 from activations.lm_data import (
@@ -65,6 +67,7 @@ __all__ = [
     "add_parser",
     "build_model",
     "claim_work_dir",
+    "compiled",
     "config_hash",
     "default_work_dir",
     "greedy_sample",
@@ -78,6 +81,7 @@ __all__ = [
     "sample_batch",
     "tokenize_stream",
     "train_model",
+    "train_step",
     "train_tokenizer",
     "unigram_entropy",
     "validation_contexts",
@@ -109,8 +113,9 @@ def build_model(cfg: TrainLMConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2L
         n_layer=cfg.n_layers,
         n_head=cfg.n_heads,
         n_inner=cfg.d_mlp,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
+        tie_word_embeddings=cfg.tie_embeddings,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
         attn_pdrop=0.0,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -152,6 +157,52 @@ def claim_work_dir(work: Path, run_id: str) -> None:
     logger.info("work directory %s (new run %s)", work, run_id)
 
 
+def compiled(model: GPT2LMHeadModel, cfg: TrainLMConfig) -> Any:
+    """The training forward: `torch.compile(model)` if asked and possible, else the model.
+
+    The compiled module shares its parameters with `model`, so checkpoints, evaluation and
+    `save_pretrained` keep using the plain module.
+    """
+    if not cfg.compile:
+        return model
+    compilers = (os.environ.get("CXX", ""), "g++", "clang++")
+    if torch.device(cfg.device).type == "cpu" and not any(c and shutil.which(c) for c in compilers):
+        raise UserError(
+            "--compile true needs a C++ compiler (g++ or clang++) on CPU: "
+            "install one or pass --compile false"
+        )
+    return torch.compile(model)
+
+
+def train_step(
+    forward: Any,
+    optimizer: torch.optim.Optimizer,
+    x_BS: Int[torch.Tensor, "B S"],
+    cfg: TrainLMConfig,
+    step: int,
+) -> float:
+    """One optimizer step of next-token cross-entropy on `x_BS`; returns the loss.
+
+    `forward` is the model or its compiled wrapper (`compiled`); the forward pass runs under
+    `cfg.autocast`, the backward pass and AdamW in the float32 of the weights.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    # Dropout masks are a function of (seed, step), like the batch, so a resumed run is exact.
+    torch.manual_seed(cfg.seed * 1_000_003 + step)
+    device_type = torch.device(cfg.device).type
+    dtype = getattr(torch, cfg.autocast)
+    with torch.autocast(device_type, dtype, enabled=cfg.autocast != "float32"):
+        loss = forward(input_ids=x_BS, labels=x_BS).loss
+    loss.backward()
+    if cfg.grad_clip > 0:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.item())
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     from sae.atomic import atomic_path
 
@@ -186,6 +237,7 @@ def train_model(
 
     bos = data.tokenizer.bos_token_id
     tokens_per_step = cfg.batch_size * cfg.n_ctx
+    forward = compiled(model, cfg)
     bar = tqdm(total=cfg.steps, initial=state["step"], desc="train-lm", unit="step")
     model.train()
     tick = time.perf_counter()
@@ -193,20 +245,9 @@ def train_model(
         while state["step"] < cfg.steps:
             step = int(state["step"])
             x_BS = sample_batch(data.train, bos, cfg, step).to(cfg.device)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            loss = model(input_ids=x_BS, labels=x_BS).loss
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(forward, optimizer, x_BS, cfg, step)
             now = time.perf_counter()
-            state = {
-                "step": step + 1,
-                "seconds": state["seconds"] + now - tick,
-                "loss": loss.item(),
-            }
+            state = {"step": step + 1, "seconds": state["seconds"] + now - tick, "loss": loss}
             tokens_per_s = tokens_per_step / max(now - tick, 1e-9)
             tick = now
             bar.update(1)

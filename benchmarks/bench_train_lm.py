@@ -1,0 +1,96 @@
+"""`sae train-lm` step time: eager float32 against bf16 autocast and torch.compile, measured
+side by side in one run on the bundled model's shape (issue 3).
+
+The bundled model must retrain in about 30 minutes on 2 cores. Its step is dominated by the
+unembedding (d_model x vocab, 4096 wide) and the softmax over it; bf16 matmuls (AVX512-BF16
+or AMX on CPU, tensor cores on GPU) and the fusion of the loss by torch.compile are what make
+room for more tokens in that budget. Each variant runs the real `train_lm.train_step` on
+random windows of the real train stream; the figure is the median step time after warm-up
+(compilation happens in the warm-up steps).
+
+    .venv/bin/python benchmarks/bench_train_lm.py
+    .venv/bin/python benchmarks/bench_train_lm.py --steps 20 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from activations import train_lm
+from activations.lm_config import TrainLMConfig
+from activations.model import BUNDLED_DIR
+
+VARIANTS = (
+    ("eager float32", dict(compile=False, autocast="float32")),
+    ("eager bf16", dict(compile=False, autocast="bfloat16")),
+    ("compiled float32", dict(compile=True, autocast="float32")),
+    ("compiled bf16 (default)", dict(compile=True, autocast="bfloat16")),
+)
+
+
+def step_seconds(
+    cfg: TrainLMConfig, tokenizer: Any, stream: np.ndarray, warmup: int, steps: int
+) -> float:
+    model = train_lm.build_model(cfg, tokenizer)
+    optimizer = train_lm.make_optimizer(model, cfg)
+    forward = train_lm.compiled(model, cfg)
+    bos = tokenizer.bos_token_id
+    times = []
+    for step in range(warmup + steps):
+        x_BS = train_lm.sample_batch(stream, bos, cfg, step).to(cfg.device)
+        if cfg.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        train_lm.train_step(forward, optimizer, x_BS, cfg, step)  # .item() synchronises
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    from transformers import AutoTokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps (compilation)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    base = TrainLMConfig(device=args.device, threads=args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(BUNDLED_DIR)
+    # Real token statistics matter little for timing; a random stream of the right vocabulary
+    # avoids retokenising the corpus (the tokenizer is the shipped one).
+    rng = np.random.default_rng(0)
+    stream = rng.integers(1, len(tokenizer), size=2_000_000).astype(np.uint16)
+    tokens = base.batch_size * base.n_ctx
+    print(
+        f"train-lm step: batch {base.batch_size} x context {base.n_ctx} = {tokens:,} tokens, "
+        f"vocab {len(tokenizer)}, on {args.device} ({args.threads} threads)"
+    )
+    print(f"{'variant':26s} {'step ms':>9s} {'tokens/s':>10s} {'vs eager fp32':>14s}")
+    reference = 0.0
+    for name, overrides in VARIANTS:
+        cfg = dataclasses.replace(base, **overrides)
+        seconds = step_seconds(cfg, tokenizer, stream, args.warmup, args.steps)
+        reference = reference or seconds
+        print(
+            f"{name:26s} {seconds * 1000:9.1f} {tokens / seconds:10,.0f} "
+            f"{reference / seconds:13.2f}x"
+        )
+    print(
+        f"default run ({base.steps} steps) at the compiled bf16 rate: "
+        f"{base.steps * seconds / 60:.1f} min of optimisation"
+    )
+
+
+if __name__ == "__main__":
+    main()
