@@ -7,12 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from activations.model import BUNDLED_DIR
 
-AUTOCAST_DTYPES = ("bfloat16", "float16", "float32")
+AUTOCAST_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,11 @@ class TrainLMConfig:
     """Contexts per optimizer step."""
     steps: int = 6000
     """Optimizer steps; tokens seen = steps * batch_size * n_ctx."""
+    optimizer: str = "adamw"
+    """adamw, or muon: Muon on the block's matrices and AdamW on the rest, sharing one learning
+    rate (activations/lm_optim.py)."""
     lr: float = 3e-3
-    """Peak learning rate of AdamW."""
+    """Peak learning rate (Muon's steps are scaled to match AdamW's RMS, so one serves both)."""
     warmup_steps: int = 100
     """Linear warm-up steps before the cosine decay."""
     min_lr_ratio: float = 0.1
@@ -61,14 +64,18 @@ class TrainLMConfig:
     """torch device to train on."""
     dropout: float = 0.0
     """Dropout on the embeddings and on what attention and MLP write to the residual stream
-    (GPT-2 uses 0.1). Off by default: the 6,000-step run without it memorises the train split
-    (loss 2.53 on random train windows against 3.30 on validation), yet 0.1 for 5,000 steps
-    (the same 30 minutes) reached a worse validation CE, 3.365 (issue 3). Attention
-    probabilities are not dropped: that keeps SDPA off its fused kernel."""
-    autocast: str = "bfloat16"
-    """Autocast dtype of the training forward pass: bfloat16, float16 (CUDA) or float32 (off).
-    Weights and optimizer state stay float32. On a CPU with native bf16 (AVX512-BF16, AMX) it
-    is faster; on one without, float32 is."""
+    (GPT-2 uses 0.1). Off by default: 0.1 for 5,000 steps (the same 30 minutes as 6,000
+    without) reached a worse validation CE, 3.365 against 3.30 (issue 3). The gap between
+    train windows and validation (2.53 against 3.30 after 6,000 steps) is mostly not
+    memorisation: it is already 0.30 after 300 steps and 0.42 after 600, before the model has
+    seen most train windows once; the validation files are harder than the average train
+    window. Attention probabilities are not dropped: that keeps SDPA off its fused kernel."""
+    autocast: str = "auto"
+    """Autocast dtype of the training forward pass: auto, bfloat16, float16 (CUDA) or float32
+    (off). Weights and optimizer state stay float32. `auto` takes bfloat16 where the hardware
+    computes in it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX) and float32
+    elsewhere: on an AVX2-only CPU, bf16 is emulated and slower than float32
+    (benchmarks/bench_train_lm.py). The model card records what `auto` became."""
     compile: bool = True
     """torch.compile the model for training (needs a C++ compiler on CPU, Triton on CUDA).
     With bf16 it halved the step time on the reference machine (benchmarks/bench_train_lm.py)."""
@@ -98,8 +105,32 @@ class TrainLMConfig:
             raise ValueError("min_lr_ratio must be in [0, 1]")
         if self.autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_DTYPES)}")
+        from activations.lm_optim import OPTIMIZERS
+
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
         if self.max_docs is not None and self.max_docs <= 0:
             raise ValueError("max_docs must be positive")
+
+
+def native_bf16(device: str) -> bool:
+    """Whether `device` computes bf16 matmuls in hardware rather than by emulation."""
+    import torch
+
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if kind == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+def resolve_autocast(cfg: TrainLMConfig) -> TrainLMConfig:
+    """`cfg` with `autocast="auto"` made concrete for this machine, so that the run's hash,
+    metrics and model card name the dtype that was actually used."""
+    if cfg.autocast != "auto":
+        return cfg
+    return replace(cfg, autocast="bfloat16" if native_bf16(cfg.device) else "float32")
 
 
 def config_hash(cfg: TrainLMConfig) -> str:

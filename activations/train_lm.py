@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Int
 
-from activations.lm_config import TrainLMConfig, config_hash
+from activations.lm_config import TrainLMConfig, config_hash, native_bf16, resolve_autocast
 from activations.lm_data import (
     EOT,
     PreparedData,
@@ -53,6 +53,7 @@ from activations.lm_eval import (
     unigram_entropy,
     validation_loss,
 )
+from activations.lm_optim import make_optimizer
 from activations.model import BUNDLED_DIR
 from sae.errors import UserError
 
@@ -124,16 +125,6 @@ def build_model(cfg: TrainLMConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2L
         return GPT2LMHeadModel(hf_cfg)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainLMConfig) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-
-
 def default_work_dir(cfg: TrainLMConfig) -> Path:
     return Path.home() / ".cache" / "sae" / "train-lm" / config_hash(cfg)
 
@@ -184,8 +175,10 @@ def train_step(
     """One optimizer step of next-token cross-entropy on `x_BS`; returns the loss.
 
     `forward` is the model or its compiled wrapper (`compiled`); the forward pass runs under
-    `cfg.autocast`, the backward pass and AdamW in the float32 of the weights.
+    `cfg.autocast` (`auto` resolved for this machine), the backward pass and AdamW in the
+    float32 of the weights.
     """
+    cfg = resolve_autocast(cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
     # Dropout masks are a function of (seed, step), like the batch, so a resumed run is exact.
@@ -278,6 +271,8 @@ def run_training(cfg: TrainLMConfig, command: str = "sae train-lm") -> dict[str,
         and not (out / "config.json").is_file()
     ):
         raise UserError(f"refusing to replace {out}: it exists and is not a model directory")
+    cfg = resolve_autocast(cfg)
+    logger.info("training forward pass in %s on %s", cfg.autocast, cfg.device)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
@@ -307,7 +302,10 @@ def _train_evaluate_write(cfg: TrainLMConfig, out: Path, command: str) -> dict[s
         "vocab_size": len(data.tokenizer),
         "parameters": sum(p.numel() for p in model.parameters()),
         # Wall-clock times mean little on a shared machine without its load next to them.
-        "machine": f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end",
+        "machine": (
+            f"{os.cpu_count()} CPUs, native bf16 {'yes' if native_bf16(cfg.device) else 'no'}, "
+            f"load average {os.getloadavg()[0]:.1f} at the end"
+        ),
         "samples": {
             p: greedy_sample(model, data.tokenizer, p, cfg.sample_tokens) for p in SAMPLE_PROMPTS
         },

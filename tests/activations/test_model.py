@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from activations import train_lm
+from activations import lm_config, train_lm
 from activations.corpus import iter_documents
 from activations.model import (
     BUNDLED_DIR,
@@ -280,10 +280,11 @@ def test_train_lm_smoke_resumes_exactly(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_train_lm_compiled_bf16_steps_match_eager_float32(tmp_path: Path) -> None:
-    """The default training path (torch.compile + bf16 autocast) optimises the same model as
-    plain float32: after a few steps the weights differ only by bf16 rounding."""
+    """The fast training path (torch.compile + bf16 autocast, the default where bf16 is native)
+    optimises the same model as plain float32: after a few steps the weights differ only by
+    bf16 rounding."""
     same = dict(steps=3, checkpoint_every=3, dropout=0.0)  # compiled dropout draws other masks
-    fast = run_training(_tiny(tmp_path, "fast", compile=True, **same))
+    fast = run_training(_tiny(tmp_path, "fast", compile=True, autocast="bfloat16", **same))
     plain = run_training(_tiny(tmp_path, "plain", autocast="float32", **same))
     a = load_file(tmp_path / "fast" / "out" / "model.safetensors")
     b = load_file(tmp_path / "plain" / "out" / "model.safetensors")
@@ -294,6 +295,25 @@ def test_train_lm_compiled_bf16_steps_match_eager_float32(tmp_path: Path) -> Non
     config = json.loads((tmp_path / "fast" / "out" / "config.json").read_text())
     assert config["tie_word_embeddings"] is False
     assert not torch.equal(a["lm_head.weight"], a["transformer.wte.weight"])
+
+
+def test_train_lm_auto_autocast_is_bf16_only_where_native(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`autocast="auto"` becomes bfloat16 only on hardware that computes it natively (emulated
+    bf16 on an AVX2 CPU is slower than float32), and the run records the dtype it used."""
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(lm_config, "native_bf16", lambda device, native=native: native)
+        assert lm_config.resolve_autocast(TrainLMConfig()).autocast == expected
+        assert lm_config.resolve_autocast(TrainLMConfig(autocast="float32")).autocast == "float32"
+    monkeypatch.undo()
+    assert lm_config.native_bf16("cpu") == (
+        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    )
+    metrics = run_training(_tiny(tmp_path, "auto", steps=2))
+    assert metrics["config"]["autocast"] == (
+        "bfloat16" if lm_config.native_bf16("cpu") else "float32"
+    )
 
 
 def test_train_lm_without_a_compiler_says_so(
