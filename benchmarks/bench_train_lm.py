@@ -8,7 +8,8 @@ room for more tokens in that budget, where the hardware has native bf16; where i
 (an AVX2-only CPU), bf16 is emulated and float32 is faster, which is why the default autocast
 is `auto` (lm_config.resolve_autocast). Each variant runs the real `train_lm.train_step` on
 random windows of the real train stream; the figure is the median step time after warm-up
-(compilation happens in the warm-up steps).
+(compilation happens in the warm-up steps). A second table times the optimizer step alone
+on the block's matrices: AdamW, torch.optim.Muon and this project's Muon.
 
     .venv/bin/python benchmarks/bench_train_lm.py
     .venv/bin/python benchmarks/bench_train_lm.py --steps 20 --device cuda
@@ -27,6 +28,7 @@ import torch
 
 from activations import train_lm
 from activations.lm_config import TrainLMConfig, native_bf16, resolve_autocast
+from activations.lm_optim import MuonAdamW
 from activations.model import BUNDLED_DIR
 
 VARIANTS = (
@@ -54,6 +56,39 @@ def step_seconds(
         if step >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def optimizer_step_ms(make: Any, model: torch.nn.Module, steps: int) -> float:
+    """Median milliseconds of `make(params).step()` over random gradients on `model`'s block."""
+    params = [p for n, p in model.named_parameters() if ".h." in f".{n}" and p.dim() == 2]
+    optimizer = make(params)
+    times = []
+    for i in range(steps + 2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        t0 = time.perf_counter()
+        optimizer.step()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def compare_optimizers(base: TrainLMConfig, tokenizer: Any, steps: int) -> None:
+    """The optimizer step alone on the block's four matrices: torch.optim.Muon orthogonalises
+    in bf16 on every device, which is emulated (slow) on a CPU without native bf16."""
+    model = train_lm.build_model(base, tokenizer)
+    ns_dtype = torch.bfloat16 if native_bf16(base.device) else torch.float32
+    rows = (
+        ("AdamW", lambda ps: torch.optim.AdamW(ps, lr=base.lr)),
+        ("torch.optim.Muon (bf16)", lambda ps: torch.optim.Muon(ps, lr=base.lr)),
+        (
+            f"lm_optim.MuonAdamW ({str(ns_dtype).split('.')[-1]})",
+            lambda ps: MuonAdamW([{"params": ps, "muon": True}], lr=base.lr, ns_dtype=ns_dtype),
+        ),
+    )
+    print(f"{'optimizer step, block matrices':34s} {'ms':>7s}")
+    for name, make in rows:
+        print(f"{name:34s} {optimizer_step_ms(make, model, steps):7.1f}")
 
 
 def main() -> None:
@@ -97,6 +132,7 @@ def main() -> None:
         f"default run ({base.steps} steps, autocast auto -> {default.autocast}, "
         f"compile {default.compile}): {base.steps * seconds / 60:.1f} min of optimisation"
     )
+    compare_optimizers(base, tokenizer, args.steps)
 
 
 if __name__ == "__main__":

@@ -283,12 +283,17 @@ def test_train_lm_compiled_bf16_steps_match_eager_float32(tmp_path: Path) -> Non
     """The fast training path (torch.compile + bf16 autocast, the default where bf16 is native)
     optimises the same model as plain float32: after a few steps the weights differ only by
     bf16 rounding."""
-    same = dict(steps=3, checkpoint_every=3, dropout=0.0)  # compiled dropout draws other masks
+    same = dict(steps=3, checkpoint_every=3, dropout=0.0, lr=3e-3)  # compiled dropout differs
     fast = run_training(_tiny(tmp_path, "fast", compile=True, autocast="bfloat16", **same))
     plain = run_training(_tiny(tmp_path, "plain", autocast="float32", **same))
     a = load_file(tmp_path / "fast" / "out" / "model.safetensors")
     b = load_file(tmp_path / "plain" / "out" / "model.safetensors")
     init = 0.02  # GPT-2's init std: three Adam steps of lr <= 3e-3 move weights ~1e-2
+    # The key bias's gradient is zero in exact arithmetic (softmax ignores a constant shift),
+    # so each path steps it by its own rounding noise, which Adam scales up to ~lr: skip it.
+    d = a["transformer.wte.weight"].shape[1]
+    for t in (a, b):
+        t["transformer.h.0.attn.c_attn.bias"][d : 2 * d] = 0
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=init / 4)
     assert fast["val_ce_nats_per_token"] == pytest.approx(plain["val_ce_nats_per_token"], abs=0.02)
