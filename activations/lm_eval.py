@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Int
 
+from activations.lm_optim import OPTIMIZERS
 from activations.model import heal_prompt
 
 if TYPE_CHECKING:
@@ -74,12 +75,6 @@ def portable_tokenizer_config(model_dir: Path) -> None:
     atomic_write_json(path, config)
 
 
-OPTIMIZER_NAMES = {
-    "adamw": "AdamW",
-    "muon": "Muon on the block's matrices and AdamW on the rest (activations/lm_optim.py)",
-}
-
-
 def model_card(metrics: dict[str, Any]) -> str:
     """The README.md written next to the weights."""
     c = metrics["config"]
@@ -102,7 +97,7 @@ as hub models: `activations.model.load_model("{metrics["name"]}")`.
 | tokenizer | byte-level BPE, {metrics["vocab_size"]} tokens, trained on the train split |
 | parameters | {metrics["parameters"]:,} |
 | unembedding | {"tied to" if c["tie_embeddings"] else "separate from"} the token embedding |
-| optimisation | {OPTIMIZER_NAMES[c.get("optimizer", "adamw")]}, peak lr {c["lr"]}, {c["warmup_steps"]} warm-up steps, cosine to {c["min_lr_ratio"]} of peak; {c["autocast"]} autocast{", torch.compile" if c["compile"] else ""} |
+| optimisation | {OPTIMIZERS[c.get("optimizer", "adamw")].description}, peak lr {c["lr"]}, {c["warmup_steps"]} warm-up steps, cosine to {c["min_lr_ratio"]} of peak; {c["autocast"]} autocast{", torch.compile" if c["compile"] else ""} |
 | tokens seen | {metrics["tokens_seen"]:,} ({metrics["steps"]} steps × {c["batch_size"]} × {c["n_ctx"]}) |
 | train corpus | {metrics["corpus"]["train_documents"]} files, {metrics["corpus"]["train_tokens"]:,} tokens |
 | **validation cross-entropy** | **{metrics["val_ce_nats_per_token"]:.4f} nats/token** |

@@ -175,10 +175,9 @@ def train_step(
     """One optimizer step of next-token cross-entropy on `x_BS`; returns the loss.
 
     `forward` is the model or its compiled wrapper (`compiled`); the forward pass runs under
-    `cfg.autocast` (`auto` resolved for this machine), the backward pass and AdamW in the
-    float32 of the weights.
+    `cfg.autocast` (a dtype: `run_training` resolves `auto` once), the backward pass and the
+    optimizer in the float32 of the weights.
     """
-    cfg = resolve_autocast(cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
     # Dropout masks are a function of (seed, step), like the batch, so a resumed run is exact.

@@ -28,7 +28,7 @@ import torch
 
 from activations import train_lm
 from activations.lm_config import TrainLMConfig, native_bf16, resolve_autocast
-from activations.lm_optim import MuonAdamW
+from activations.lm_optim import MuonAdamW, is_hidden_matrix
 from activations.model import BUNDLED_DIR
 
 VARIANTS = (
@@ -60,7 +60,7 @@ def step_seconds(
 
 def optimizer_step_ms(make: Any, model: torch.nn.Module, steps: int) -> float:
     """Median milliseconds of `make(params).step()` over random gradients on `model`'s block."""
-    params = [p for n, p in model.named_parameters() if ".h." in f".{n}" and p.dim() == 2]
+    params = [p for n, p in model.named_parameters() if is_hidden_matrix(n, p)]
     optimizer = make(params)
     times = []
     for i in range(steps + 2):
