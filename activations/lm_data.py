@@ -73,13 +73,42 @@ def sample_batch(
     )
 
 
-def validation_contexts(stream: np.ndarray, bos: int, n_ctx: int) -> Int[torch.Tensor, "B S"]:
-    """Consecutive non-overlapping windows of the whole stream (a ragged tail is dropped)."""
-    n = len(stream) // (n_ctx - 1)
-    if n == 0:
-        raise UserError(f"the validation split has fewer than {n_ctx - 1} tokens")
-    body = torch.from_numpy(stream[: n * (n_ctx - 1)].astype(np.int64)).view(n, n_ctx - 1)
-    return torch.cat([torch.full((n, 1), bos, dtype=torch.long), body], 1)
+class ValidationWindows(NamedTuple):
+    """Windows over the validation stream and the targets each of them scores."""
+
+    contexts: Int[torch.Tensor, "W S"]
+    """BOS + n_ctx - 1 consecutive stream tokens, the shape of a training context."""
+    first_scored: Int[torch.Tensor, " W"]
+    """Index, among the window's n_ctx - 1 targets, of the first one it scores. Over all
+    windows every token of the stream is scored exactly once."""
+
+    def targets(self) -> Int[torch.Tensor, " T"]:
+        """The scored tokens, in stream order."""
+        return torch.cat(
+            [c[1 + int(f) :] for c, f in zip(self.contexts, self.first_scored, strict=True)]
+        )
+
+
+def validation_windows(stream: np.ndarray, bos: int, n_ctx: int, stride: int) -> ValidationWindows:
+    """Sliding windows that advance by `stride` tokens, each scoring only targets no earlier
+    window scored, so that every token but those of the first window is predicted from at
+    least n_ctx - 1 - stride tokens of context (the sliding-window evaluation of Hugging Face's
+    "Perplexity of fixed-length models"). stride = n_ctx - 1 gives non-overlapping windows.
+    A last window ends at the end of the stream, so no tail is dropped."""
+    body = n_ctx - 1
+    if len(stream) < body:
+        raise UserError(f"the validation split has fewer than {body} tokens")
+    if not 1 <= stride <= body:
+        raise ValueError(f"stride must be in [1, {body}], got {stride}")
+    starts = list(range(0, len(stream) - body + 1, stride))
+    if starts[-1] != len(stream) - body:
+        starts.append(len(stream) - body)
+    first = [0] + [prev + body - start for prev, start in itertools.pairwise(starts)]
+    body_WS = np.lib.stride_tricks.sliding_window_view(stream, body)[starts].astype(np.int64)
+    contexts = torch.cat(
+        [torch.full((len(starts), 1), bos, dtype=torch.long), torch.from_numpy(body_WS)], 1
+    )
+    return ValidationWindows(contexts, torch.tensor(first, dtype=torch.long))
 
 
 class PreparedData(NamedTuple):

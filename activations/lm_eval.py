@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Int
 
+from activations.lm_data import ValidationWindows
 from activations.lm_optim import OPTIMIZERS
 from activations.model import heal_prompt
 
@@ -20,27 +21,28 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def validation_loss(
-    model: GPT2LMHeadModel, contexts: Int[torch.Tensor, "B S"], batch_size: int
-) -> float:
-    """Mean next-token cross-entropy in nats over every target (positions 1..n_ctx-1)."""
+def validation_loss(model: GPT2LMHeadModel, windows: ValidationWindows, batch_size: int) -> float:
+    """Mean next-token cross-entropy in nats over the targets the windows score."""
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for i in range(0, len(contexts), batch_size):
-        x_BS = contexts[i : i + batch_size].to(device)
+    for i in range(0, len(windows.contexts), batch_size):
+        x_BS = windows.contexts[i : i + batch_size].to(device)
         logits = model(input_ids=x_BS).logits[:, :-1].float()
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), x_BS[:, 1:].reshape(-1), reduction="sum"
-        ).item()
-        count += x_BS[:, 1:].numel()
+        ce_BT = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), x_BS[:, 1:], reduction="none"
+        )
+        position_T = torch.arange(ce_BT.shape[1], device=device)
+        scored_BT = position_T >= windows.first_scored[i : i + batch_size, None].to(device)
+        total += float(ce_BT[scored_BT].double().sum())
+        count += int(scored_BT.sum())
     return total / count
 
 
-def unigram_entropy(contexts: Int[torch.Tensor, "B S"], vocab_size: int) -> float:
-    """Entropy (nats) of the empirical token distribution of the same validation targets:
-    the loss of the best context-free predictor, fitted on the test data itself."""
-    counts = torch.bincount(contexts[:, 1:].reshape(-1), minlength=vocab_size).double()
+def unigram_entropy(targets: Int[torch.Tensor, " T"], vocab_size: int) -> float:
+    """Entropy (nats) of the empirical distribution of the validation targets: the loss of
+    the best context-free predictor, fitted on the test data itself."""
+    counts = torch.bincount(targets.reshape(-1), minlength=vocab_size).double()
     p = counts[counts > 0] / counts.sum()
     return float(-(p * p.log()).sum())
 
@@ -72,6 +74,9 @@ def portable_tokenizer_config(model_dir: Path) -> None:
     path = model_dir / "tokenizer_config.json"
     config = json.loads(path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    # Where this copy was loaded from (transformers 5.24 writes it), not part of the tokenizer.
+    for key in ("is_local", "local_files_only"):
+        config.pop(key, None)
     atomic_write_json(path, config)
 
 
@@ -100,13 +105,18 @@ as hub models: `activations.model.load_model("{metrics["name"]}")`.
 | optimisation | {OPTIMIZERS[c.get("optimizer", "adamw")].description}, peak lr {c["lr"]}, {c["warmup_steps"]} warm-up steps, cosine to {c["min_lr_ratio"]} of peak; {c["autocast"]} autocast{", torch.compile" if c["compile"] else ""} |
 | tokens seen | {metrics["tokens_seen"]:,} ({metrics["steps"]} steps × {c["batch_size"]} × {c["n_ctx"]}) |
 | train corpus | {metrics["corpus"]["train_documents"]} files, {metrics["corpus"]["train_tokens"]:,} tokens |
-| **validation cross-entropy** | **{metrics["val_ce_nats_per_token"]:.4f} nats/token** |
+| **validation cross-entropy** (sliding windows, stride {metrics["eval_stride"]}: at least {metrics["val_min_context"]} tokens of context after the first window) | **{metrics["val_ce_nats_per_token"]:.4f} nats/token** |
+| validation cross-entropy, disjoint windows of {c["n_ctx"]} (the first target of each sees only BOS) | {metrics["val_ce_disjoint_windows_nats_per_token"]:.4f} nats/token |
 | unigram entropy of the same {metrics["val_tokens"]:,} validation tokens | {metrics["unigram_entropy_nats_per_token"]:.4f} nats/token |
-| ratio | {metrics["val_ce_nats_per_token"] / metrics["unigram_entropy_nats_per_token"]:.3f} |
+| ratio (sliding; disjoint) | {metrics["val_ce_nats_per_token"] / metrics["unigram_entropy_nats_per_token"]:.3f}; {metrics["val_ce_disjoint_windows_nats_per_token"] / metrics["unigram_entropy_nats_per_token"]:.3f} |
 | training time | {metrics["train_seconds"] / 60:.1f} min of optimisation, {metrics["total_seconds"] / 60:.1f} min in all, {c["threads"]} CPU threads |
 | machine | {metrics["machine"]} |
 
 The validation split is about 5% of the files, chosen by a hash of the relative path.
+Both cross-entropies score every validation token exactly once. The sliding windows
+(`validation_windows` in `activations/lm_data.py`) predict each token from the tokens before
+it, as a reader of the file would; disjoint windows restart the context every {c["n_ctx"] - 1}
+tokens, and their first few predictions from almost nothing weigh on the mean.
 The unigram entropy is that of the empirical token distribution of the validation targets
 themselves: the loss of the best context-free predictor, fitted on the test data.
 

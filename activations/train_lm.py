@@ -40,11 +40,12 @@ from activations.lm_config import TrainLMConfig, config_hash, native_bf16, resol
 from activations.lm_data import (
     EOT,
     PreparedData,
+    ValidationWindows,
     prepare_data,
     sample_batch,
     tokenize_stream,
     train_tokenizer,
-    validation_contexts,
+    validation_windows,
 )
 from activations.lm_eval import (
     greedy_sample,
@@ -65,6 +66,7 @@ __all__ = [
     "SAMPLE_PROMPTS",
     "PreparedData",
     "TrainLMConfig",
+    "ValidationWindows",
     "add_parser",
     "build_model",
     "claim_work_dir",
@@ -85,8 +87,8 @@ __all__ = [
     "train_step",
     "train_tokenizer",
     "unigram_entropy",
-    "validation_contexts",
     "validation_loss",
+    "validation_windows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -289,14 +291,23 @@ def _train_evaluate_write(cfg: TrainLMConfig, out: Path, command: str) -> dict[s
     data = prepare_data(cfg, work)
     model, stats = train_model(cfg, data, work)
     eval_started = time.perf_counter()
-    val_BS = validation_contexts(data.validation, data.tokenizer.bos_token_id, cfg.n_ctx)
-    val_ce = validation_loss(model, val_BS.to(cfg.device), cfg.eval_batch_size)
+    bos, body = data.tokenizer.bos_token_id, cfg.n_ctx - 1
+    sliding = validation_windows(data.validation, bos, cfg.n_ctx, cfg.stride)
+    val_ce = validation_loss(model, sliding, cfg.eval_batch_size)
+    # Both sets of windows score every validation token once: one unigram entropy for both.
+    disjoint = validation_windows(data.validation, bos, cfg.n_ctx, body)
+    targets = sliding.targets()
     metrics: dict[str, Any] = {
         "name": "stdlib-1l-512" if out.resolve() == BUNDLED_DIR else out.name,
         "command": command,
         "val_ce_nats_per_token": round(val_ce, 4),
-        "unigram_entropy_nats_per_token": round(unigram_entropy(val_BS, len(data.tokenizer)), 4),
-        "val_tokens": val_BS[:, 1:].numel(),
+        "val_ce_disjoint_windows_nats_per_token": round(
+            validation_loss(model, disjoint, cfg.eval_batch_size), 4
+        ),
+        "eval_stride": cfg.stride,
+        "val_min_context": body - cfg.stride,
+        "unigram_entropy_nats_per_token": round(unigram_entropy(targets, len(data.tokenizer)), 4),
+        "val_tokens": len(targets),
         **stats,
         "vocab_size": len(data.tokenizer),
         "parameters": sum(p.numel() for p in model.parameters()),
