@@ -79,6 +79,11 @@ def atomic_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, _default_mode(directory=True))
+        # Writers that stage files through mkstemp leave them 0600 (transformers 5.24's
+        # save_pretrained does, for model.safetensors): publish them as the umask allows too.
+        for path in tmp.rglob("*"):
+            if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600:
+                os.chmod(path, _default_mode(directory=False))
         if final.exists():
             if not overwrite:
                 raise FileExistsError(f"{final} already exists")

@@ -26,6 +26,20 @@ def test_file_gets_umask_permissions(tmp_path: Path) -> None:
     assert (tmp_path / "a.txt").read_text() == "hello"
     assert _mode(tmp_path / "a.txt") == 0o644
     assert _mode(tmp_path / "d") == 0o755
+    assert _mode(tmp_path / "d" / "x") == 0o644
+
+
+def test_private_files_inside_a_published_directory_get_umask_permissions(
+    tmp_path: Path,
+) -> None:
+    """A writer that stages through mkstemp (save_pretrained) must not leave weights 0600."""
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "model") as d:
+            os.close(os.open(d / "weights", os.O_CREAT | os.O_WRONLY, 0o600))
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "model" / "weights") == 0o644
 
 
 def test_failed_write_leaves_old_content_and_no_temp(tmp_path: Path) -> None:
