@@ -132,7 +132,27 @@ def main() -> None:
         f"default run ({base.steps} steps, autocast auto -> {default.autocast}, "
         f"compile {default.compile}): {base.steps * seconds / 60:.1f} min of optimisation"
     )
+    compare_shapes(default, tokenizer, stream, args.warmup, args.steps)
     compare_optimizers(base, tokenizer, args.steps)
+
+
+# Same 8,192 tokens a step; what heads and context cost in the default (fast) path. The CPU
+# flash-attention kernel's backward is slow for 16-wide heads: the shipped model keeps 4 heads
+# at context 256 and spends the time on more steps (issue 3).
+SHAPES = ((256, 32, 4), (256, 32, 8), (512, 16, 8))
+
+
+def compare_shapes(
+    default: TrainLMConfig, tokenizer: Any, stream: np.ndarray, warmup: int, steps: int
+) -> None:
+    print(f"{'n_ctx x batch, heads':26s} {'step ms':>9s} {'vs shipped':>11s}")
+    reference = 0.0
+    for n_ctx, batch, heads in SHAPES:
+        cfg = dataclasses.replace(default, n_ctx=n_ctx, batch_size=batch, n_heads=heads)
+        seconds = step_seconds(cfg, tokenizer, stream, warmup, steps)
+        reference = reference or seconds
+        label = f"{n_ctx} x {batch}, {heads} heads"
+        print(f"{label:26s} {seconds * 1000:9.1f} {reference / seconds:10.2f}x")
 
 
 if __name__ == "__main__":
