@@ -45,7 +45,8 @@ class TrainLMConfig:
     """Optimizer steps; tokens seen = steps * batch_size * n_ctx. 9,000 steps (74M tokens,
     about 9 epochs of the train split) fill the ~30-minute budget on 2 cores with native
     bf16. Validation CE on sliding windows: 3.165 after 9,000 steps, where 6,000 steps with 8
-    heads at context 512 (batch 16, as fast per token) reached 3.199 (issue 3)."""
+    heads at context 512 (batch 16: the same tokens a step, 1.4x the step time) reached
+    3.199 (issue 3)."""
     optimizer: str = "muon"
     """muon: Muon on the block's matrices and AdamW on the embeddings, unembedding and vectors,
     sharing one learning rate (activations/lm_optim.py); or adamw on everything. After 6,000
