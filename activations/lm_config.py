@@ -132,7 +132,7 @@ class TrainLMConfig:
     @property
     def stride(self) -> int:
         """The validation stride in force (`eval_stride`, or half the window)."""
-        return self.eval_stride if self.eval_stride is not None else (self.n_ctx - 1) // 2
+        return self.eval_stride if self.eval_stride is not None else max(1, (self.n_ctx - 1) // 2)
 
 
 def native_bf16(device: str) -> bool:

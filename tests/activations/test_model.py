@@ -234,6 +234,14 @@ def test_validation_windows_score_every_token_once(length: int, n_ctx: int, data
     assert (windows.first_scored[1:] >= n_ctx - 1 - stride).all()
 
 
+def test_eval_stride_defaults_to_half_the_window() -> None:
+    assert TrainLMConfig(n_ctx=256).stride == 127
+    assert TrainLMConfig(n_ctx=2).stride == 1  # the one target of a 2-token window
+    assert TrainLMConfig(n_ctx=256, eval_stride=255).stride == 255
+    with pytest.raises(ValueError, match="eval_stride"):
+        TrainLMConfig(n_ctx=256, eval_stride=256)
+
+
 def test_validation_windows_need_one_window_of_tokens() -> None:
     with pytest.raises(UserError, match="fewer than 7 tokens"):
         train_lm.validation_windows(np.arange(6), 0, 8, 3)
