@@ -160,3 +160,14 @@ def hook_widths(model: Any, hook_names: Iterable[str]) -> dict[str, int]:
     with ActivationCapture(model, names) as capture:
         acts = capture(tokens)
     return {name: int(a.shape[-1]) for name, a in acts.items()}
+
+
+def check_hook_width(model: Any, hook_name: str, d_in: int) -> None:
+    """UserError before any work if the model has no such hook or its width is not `d_in`
+    (a dictionary paired with the wrong model)."""
+    width = hook_widths(model, [hook_name])[hook_name]
+    if width != d_in:
+        raise UserError(
+            f"dictionary reads {hook_name} with d_in {d_in}, but the model's "
+            f"{hook_name} has width {width}: wrong model or dictionary"
+        )

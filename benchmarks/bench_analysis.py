@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from activations.analysis import AnalysisConfig, FeatureAccumulator
 from activations.hooks import ActivationCapture
 from activations.model import BUNDLED_DIR, load_model
 from activations.text import TextConfig, context_batches
+from analysis.accumulator import AnalysisConfig, FeatureAccumulator
 from sae.base import DictionaryConfig, build
 from sae.io import load_dictionary
 

@@ -39,11 +39,12 @@ def build_dictionary(tmp: Path, d_sae: int, n_tokens: int) -> tuple[Path, str]:
     over the bundled corpus so feature pages have real statistics and examples."""
     import torch
 
-    from activations.analysis import AnalysisConfig, analyze
     from activations.model import BUNDLED_DIR, load_model
     from activations.text import TextConfig
+    from analysis.accumulator import AnalysisConfig
+    from analysis.analyze import analyze
+    from analysis.store import FeatureStore
     from sae.base import DictionaryConfig, build
-    from sae.store import FeatureStore
 
     if (BUNDLED_DIR / "model.safetensors").is_file():
         model_name, desc = "bundled", "bundled stdlib-1l-512"

@@ -26,10 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from activations import train_lm
-from activations.lm_config import TrainLMConfig, native_bf16, resolve_autocast
-from activations.lm_optim import MuonAdamW, is_hidden_matrix
 from activations.model import BUNDLED_DIR
+from lm import data as lm_data
+from lm import optim as lm_optim
+from lm import train as train_lm
+from lm.config import TrainLMConfig, native_bf16, resolve_autocast
+from lm.optim import MuonAdamW, is_hidden_matrix
 
 VARIANTS = (
     ("eager float32", dict(compile=False, autocast="float32")),
@@ -43,12 +45,12 @@ def step_seconds(
     cfg: TrainLMConfig, tokenizer: Any, stream: np.ndarray, warmup: int, steps: int
 ) -> float:
     model = train_lm.build_model(cfg, tokenizer)
-    optimizer = train_lm.make_optimizer(model, cfg)
+    optimizer = lm_optim.make_optimizer(model, cfg)
     forward = train_lm.compiled(model, cfg)
     bos = tokenizer.bos_token_id
     times = []
     for step in range(warmup + steps):
-        x_BS = train_lm.sample_batch(stream, bos, cfg, step).to(cfg.device)
+        x_BS = lm_data.sample_batch(stream, bos, cfg, step).to(cfg.device)
         if cfg.device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -16,15 +16,15 @@ from sae.errors import UserError
 
 # name -> module defining add_parser(); order is the order shown in --help.
 SUBCOMMANDS: dict[str, str] = {
-    "info": "sae.info_cmd",
-    "export": "sae.info_cmd",
-    "train-lm": "activations.train_lm",
+    "info": "sae.info_cli",
+    "export": "sae.info_cli",
+    "train-lm": "lm.cli",
     "cache": "activations.cli",
     "train": "training.cli",
-    "analyze": "activations.analyze",
-    "compare": "activations.analyze",
+    "analyze": "analysis.cli",
+    "compare": "analysis.cli",
     "serve": "server.cli",
-    "demo": "server.demo",
+    "demo": "sae.demo_cli",
 }
 
 

@@ -17,9 +17,9 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi import Path as PathParam
 
+from analysis.store import DB_NAME, FeatureStore, resolve_store_dir
 from sae.base import Dictionary
 from sae.errors import UserError
-from sae.store import DB_NAME, FeatureStore, resolve_store_dir
 from server.errors import ApiError, not_found
 from server.schemas import ADDRESS_RE, DictionaryInfo
 from server.settings import ServerSettings, spec_name, spec_path

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from sae import store as st
+from analysis import store as st
+from analysis import store_records as records
 from server.deps import AppState, ServedDictionary
 from server.errors import ApiError
 from server.inference import LimitExceeded, feature_logit_effects, token_scores, tokenize
@@ -26,11 +27,11 @@ from server.schemas import (
 N_LOGIT_EFFECTS = 10
 
 
-def _label(rec: st.Label) -> Label:
+def _label(rec: records.Label) -> Label:
     return Label(text=rec.text, author=rec.author, created_at=rec.created_at)
 
 
-def _example(ex: st.Example) -> ActivationExample:
+def _example(ex: records.Example) -> ActivationExample:
     return ActivationExample(
         tokens=ex.tokens, values=ex.acts, max_value=ex.max_act, max_index=ex.max_index
     )
@@ -108,7 +109,7 @@ def feature_response(
 
 
 def _summary(
-    sd: ServedDictionary, s: st.FeatureSummary, score: float | None = None
+    sd: ServedDictionary, s: records.FeatureSummary, score: float | None = None
 ) -> FeatureSummary:
     return FeatureSummary(
         address=f"{sd.name}/{s.feature_id}",

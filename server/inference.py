@@ -15,9 +15,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from activations.analysis import LogitEffects, logit_effects, residual_directions
 from activations.hooks import ActivationCapture
 from activations.text import special_ids
+from analysis.logit_effects import LogitEffects, logit_effects, residual_directions
 from sae.base import Dictionary
 from sae.errors import UserError
 

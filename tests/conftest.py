@@ -63,3 +63,11 @@ def make_tiny_lm_dir(path: Path, d_model: int = 32, n_inner: int = 64, n_ctx: in
 def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A local HF directory of a tiny 1-layer GPT-2 (d_model 32, MLP 64, context 64)."""
     return make_tiny_lm_dir(tmp_path_factory.mktemp("tiny_lm"))
+
+
+@pytest.fixture(scope="session")
+def bundled():
+    """The bundled model, loaded once for the whole session."""
+    from activations.model import BUNDLED_MODEL, load_model
+
+    return load_model(BUNDLED_MODEL)

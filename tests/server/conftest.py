@@ -59,10 +59,11 @@ def served_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def dict_dirs(served_lm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """`mlp0`: analysed (feature store next to it); `bare`: no analysis."""
-    from activations.analysis import AnalysisConfig, analyze
     from activations.model import load_model
     from activations.text import TextConfig
-    from sae.store import FeatureStore
+    from analysis.accumulator import AnalysisConfig
+    from analysis.analyze import analyze
+    from analysis.store import FeatureStore
 
     root = tmp_path_factory.mktemp("dicts")
     docs = root / "docs"

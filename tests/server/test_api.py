@@ -71,7 +71,7 @@ def test_feature_page_is_the_store(client: httpx.Client, state: Any) -> None:
 def test_feature_without_analysis_has_computed_logit_effects(
     client: httpx.Client, state: Any
 ) -> None:
-    from activations.analysis import logit_effects
+    from analysis.logit_effects import logit_effects
 
     f = client.get("/api/features/bare/7").json()
     assert f["stats"] is None and f["histogram"] is None and f["top_examples"]["total"] == 0
@@ -163,7 +163,7 @@ def test_labels_need_the_key_and_are_searchable(
 
 
 def test_search_by_token_ranks_by_logit_effect(client: httpx.Client, state: Any) -> None:
-    from activations.analysis import logit_effects
+    from analysis.logit_effects import logit_effects
 
     sd = state.dictionaries["bare"]
     model = state.model_for(sd)

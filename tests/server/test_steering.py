@@ -50,7 +50,7 @@ def _promoted(state: Any, address: str, n: int) -> list[int]:
     sd = state.dictionaries[name]
     if sd.has_analysis():
         return [e.token_id for e in sd.store.feature(int(fid)).promoted[:n]]
-    from activations.analysis import logit_effects
+    from analysis.logit_effects import logit_effects
 
     return (
         logit_effects(

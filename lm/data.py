@@ -1,4 +1,4 @@
-"""The data of `sae train-lm` (activations/train_lm.py): a byte-level BPE tokenizer trained on
+"""The data of `sae train-lm` (lm/train.py): a byte-level BPE tokenizer trained on
 the stdlib corpus, the token streams of both splits (cached in the work directory), and the
 training and validation windows cut from them, each starting with BOS as `to_tokens` does.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from jaxtyping import Int
 
-from activations.lm_config import TrainLMConfig
+from lm.config import TrainLMConfig
 from sae.errors import UserError
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""The records of the feature store (sae/store.py): what readers get back, and the
+"""The records of the feature store (analysis/store.py): what readers get back, and the
 `FeatureArrays` an analysis hands to `FeatureStore.replace_statistics`.
 
 Plain frozen dataclasses over numpy and the standard library, so the server and users can
@@ -58,7 +58,7 @@ class TokenEffect:
     token: str
     token_id: int
     value: float
-    """Direct logit effect of a unit-norm decoder direction (see activations/analysis.py)."""
+    """Direct logit effect of a unit-norm decoder direction (see analysis/analyze.py)."""
 
 
 @dataclass(frozen=True)

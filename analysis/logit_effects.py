@@ -1,6 +1,6 @@
 """Direct logit effects of dictionary features: which output tokens each decoder direction
 promotes and suppresses (the feature-dashboard convention of Anthropic, SAEDashboard and
-Neuronpedia). Used by `sae analyze` (activations/analysis.py) and the server's steering.
+Neuronpedia). Used by `sae analyze` (analysis/analyze.py) and the server's steering.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Optimizers of `sae train-lm` (activations/train_lm.py), registered by name.
+"""Optimizers of `sae train-lm` (lm/train.py), registered by name.
 
 `adamw`: AdamW on every parameter, decoupled weight decay on matrices.
 
@@ -114,7 +114,7 @@ def _adamw(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
 
 
 def _muon(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
-    from activations.lm_config import native_bf16
+    from lm.config import native_bf16
 
     hidden, rest = _split(model.named_parameters(), is_hidden_matrix)
     decay, no_decay = _split(rest, lambda name, p: p.dim() >= 2)
@@ -155,7 +155,7 @@ class OptimizerSpec(NamedTuple):
 OPTIMIZERS = {
     "adamw": OptimizerSpec(_adamw, "AdamW"),
     "muon": OptimizerSpec(
-        _muon, "Muon on the block's matrices and AdamW on the rest (activations/lm_optim.py)"
+        _muon, "Muon on the block's matrices and AdamW on the rest (lm/optim.py)"
     ),
 }
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from activations.analysis import AnalysisConfig, FeatureAccumulator, sample_keys
-from sae.store import StoreMeta
+from analysis.accumulator import AnalysisConfig, FeatureAccumulator, sample_keys
+from analysis.store_records import StoreMeta
 
 F, T, VOCAB = 7, 8, 50
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from activations.lm_config import TrainLMConfig
-from activations.lm_optim import OPTIMIZERS, MuonAdamW, make_optimizer, orthogonalize
+from lm.config import TrainLMConfig
+from lm.optim import OPTIMIZERS, MuonAdamW, make_optimizer, orthogonalize
 
 
 @pytest.mark.parametrize("shape", [(16, 48), (64, 16), (32, 32)])

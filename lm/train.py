@@ -15,20 +15,17 @@ A killed run resumes from its last checkpoint in the work directory: the batch o
 drawn from a generator seeded by (seed, s), so a resumed run sees the same data.
 
 This module is the optimisation loop, the run driver and the CLI; the configuration is
-activations/lm_config.py, the tokenizer and token streams activations/lm_data.py, and the
-evaluation and model card activations/lm_eval.py (their public names are re-exported here).
+lm/config.py, the tokenizer and token streams lm/data.py, and the
+evaluation and model card lm/evaluation.py (their public names are re-exported here).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
-import shlex
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,60 +33,27 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Int
 
-from activations.lm_config import TrainLMConfig, config_hash, native_bf16, resolve_autocast
-from activations.lm_data import (
-    EOT,
+from activations.model import BUNDLED_DIR
+from lm.config import TrainLMConfig, config_hash, native_bf16, resolve_autocast
+from lm.data import (
     PreparedData,
-    ValidationWindows,
     prepare_data,
     sample_batch,
-    tokenize_stream,
-    train_tokenizer,
     validation_windows,
 )
-from activations.lm_eval import (
+from lm.evaluation import (
     greedy_sample,
     model_card,
     portable_tokenizer_config,
     unigram_entropy,
     validation_loss,
 )
-from activations.lm_optim import make_optimizer
-from activations.model import BUNDLED_DIR
+from lm.optim import make_optimizer
 from sae.errors import UserError
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
-__all__ = [
-    "EOT",
-    "SAMPLE_PROMPTS",
-    "PreparedData",
-    "TrainLMConfig",
-    "ValidationWindows",
-    "add_parser",
-    "build_model",
-    "claim_work_dir",
-    "compiled",
-    "config_hash",
-    "default_work_dir",
-    "greedy_sample",
-    "lr_at",
-    "make_optimizer",
-    "model_card",
-    "portable_tokenizer_config",
-    "prepare_data",
-    "run",
-    "run_training",
-    "sample_batch",
-    "tokenize_stream",
-    "train_model",
-    "train_step",
-    "train_tokenizer",
-    "unigram_entropy",
-    "validation_loss",
-    "validation_windows",
-]
 
 logger = logging.getLogger(__name__)
 
@@ -343,33 +307,3 @@ def _train_evaluate_write(cfg: TrainLMConfig, out: Path, command: str) -> dict[s
         out,
     )
     return metrics
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from sae.dataclass_cli import add_dataclass_args
-
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "train-lm",
-        help="train the bundled one-layer language model from scratch on the stdlib corpus",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
-    parser.add_argument("--config", type=Path, default=None, help="YAML or JSON config file")
-    add_dataclass_args(parser, TrainLMConfig)
-    parser.set_defaults(func=run)
-    return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    from sae.dataclass_cli import dataclass_from_args
-
-    try:
-        cfg = dataclass_from_args(TrainLMConfig, args, args.config)
-    except (ValueError, TypeError) as e:
-        raise UserError(str(e)) from None
-    command = shlex.join(["sae", *sys.argv[1:]]) if sys.argv[1:] else "sae train-lm"
-    metrics = run_training(cfg, command=command)
-    print(
-        f"val CE {metrics['val_ce_nats_per_token']:.3f} nats/token, unigram entropy "
-        f"{metrics['unigram_entropy_nats_per_token']:.3f}; wrote {cfg.out}"
-    )
-    return 0

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from analysis.store import FeatureStore
+from analysis.store_records import FeatureArrays, StoreMeta
 from sae.errors import UserError
-from sae.store import FeatureArrays, FeatureStore, StoreMeta
 
 F, N, W, Q, B, K = 6, 3, 5, 4, 8, 3
 VOCAB = ["<bos>", " def", " import", " return", "(", ")", " class", " x", " y", " self"]

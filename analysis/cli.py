@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from analysis.cards import format_feature, pick_features
 from sae.dataclass_cli import add_dataclass_args, dataclass_from_args
 from sae.errors import UserError
 
@@ -38,7 +39,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from activations.analysis import AnalysisConfig
+    from analysis.accumulator import AnalysisConfig
 
     p = subparsers.add_parser(
         "analyze",
@@ -131,8 +132,9 @@ def _store_dir(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from activations.analysis import AnalysisConfig, analyze
-    from sae.store import FeatureStore
+    from analysis.accumulator import AnalysisConfig
+    from analysis.analyze import analyze
+    from analysis.store import FeatureStore
 
     store_dir = _store_dir(args)
     if not args.skip_analysis:
@@ -155,59 +157,21 @@ def run(args: argparse.Namespace) -> int:
         for fid in ids:
             print(format_feature(store, fid))
         if args.export_neuronpedia:
-            from activations.export import export_neuronpedia
+            from analysis.export import export_neuronpedia
 
             print(f"Neuronpedia JSON -> {export_neuronpedia(store, args.export_neuronpedia)}")
         if args.export_delphi:
-            from activations.export import export_delphi
+            from analysis.export import export_delphi
 
             print(f"Delphi latent cache -> {export_delphi(store, args.export_delphi)}")
     return 0
-
-
-def pick_features(store: Any, n: int) -> list[int]:
-    """n features spread evenly over those that fired, in feature_id order."""
-    if n <= 0:
-        return []
-    meta = store.meta()
-    alive = [s.feature_id for s in store.features(limit=meta.d_sae) if s.density > 0]
-    if len(alive) <= n:
-        return alive
-    return [alive[round(i * (len(alive) - 1) / max(n - 1, 1))] for i in range(n)]
-
-
-def _visible(token: str) -> str:
-    return token.replace("\n", "⏎").replace("\t", "⇥")
-
-
-def format_feature(store: Any, feature_id: int, n_examples: int = 3) -> str:
-    """A plain-text card: statistics, top tokens, logit effects, top examples."""
-    rec = store.feature(feature_id)
-    lines = [
-        f"feature {rec.feature_id}: density {rec.density:.3%} ({rec.n_fires} tokens), "
-        f"mean {rec.mean_act:.3g}, max {rec.max_act:.3g}"
-        + (f", label: {rec.labels[-1].text!r}" if rec.labels else ""),
-        "  top tokens: " + ", ".join(repr(_visible(t)) for t in rec.top_tokens[:10]),
-    ]
-    if rec.promoted:
-        lines.append("  promotes:   " + ", ".join(
-            f"{_visible(e.token)!r} {e.value:+.2f}" for e in rec.promoted[:6]))  # fmt: skip
-        lines.append("  suppresses: " + ", ".join(
-            f"{_visible(e.token)!r} {e.value:+.2f}" for e in rec.suppressed[:6]))  # fmt: skip
-    for ex in store.top_examples(feature_id, limit=n_examples):
-        text = "".join(
-            f"[[{_visible(t)}]]" if i == ex.max_index else _visible(t)
-            for i, t in enumerate(ex.tokens)
-        )
-        lines.append(f"  {ex.max_act:7.3f}  {text}")
-    return "\n".join(lines)
 
 
 # -- compare ------------------------------------------------------------------------------------
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from activations.compare import compare_dictionaries, comparison_json
+    from analysis.compare import compare_dictionaries, comparison_json
     from sae.atomic import atomic_write_json
     from sae.io import load_dictionary
 

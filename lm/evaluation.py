@@ -1,4 +1,4 @@
-"""Evaluation and the model card of `sae train-lm` (activations/train_lm.py): validation
+"""Evaluation and the model card of `sae train-lm` (lm/train.py): validation
 cross-entropy next to the unigram entropy of the same tokens, greedy samples, and the README
 written next to the weights.
 """
@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Int
 
-from activations.lm_data import ValidationWindows
-from activations.lm_optim import OPTIMIZERS
 from activations.model import heal_prompt
+from lm.data import ValidationWindows
+from lm.optim import OPTIMIZERS
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -114,7 +114,7 @@ as hub models: `activations.model.load_model("{metrics["name"]}")`.
 
 The validation split is about 5% of the files, chosen by a hash of the relative path.
 Both cross-entropies score every validation token exactly once. The sliding windows
-(`validation_windows` in `activations/lm_data.py`) predict each token from the tokens before
+(`validation_windows` in `lm/data.py`) predict each token from the tokens before
 it, as a reader of the file would; disjoint windows restart the context every {c["n_ctx"] - 1}
 tokens, and their first few predictions from almost nothing weigh on the mean.
 The unigram entropy is that of the empirical token distribution of the validation targets

@@ -11,16 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from activations.analysis import AnalysisConfig, analyze, logit_effects, residual_directions
-from activations.analyze import format_feature, pick_features
-from activations.compare import compare_dictionaries
-from activations.export import export_delphi, export_neuronpedia
 from activations.model import load_model
 from activations.text import TextConfig
+from analysis.accumulator import AnalysisConfig
+from analysis.analyze import analyze
+from analysis.cli import format_feature, pick_features
+from analysis.compare import compare_dictionaries
+from analysis.export import export_delphi, export_neuronpedia
+from analysis.logit_effects import logit_effects, residual_directions
+from analysis.store import FeatureStore
 from sae.base import DictionaryConfig, build
 from sae.cli import main
 from sae.errors import UserError
-from sae.store import FeatureStore
 from tests.conftest import TINY_TEXT
 
 HOOK = "blocks.0.mlp.hook_post"

@@ -192,8 +192,8 @@ def build_report(
     compare_json: Path,
     timings: dict[str, float],
 ) -> dict[str, Any]:
-    from activations.analyze import format_feature, pick_features
-    from sae.store import FeatureStore
+    from analysis.cli import format_feature, pick_features
+    from analysis.store import FeatureStore
 
     metrics = _last_metrics(run_dir)
     report: dict[str, Any] = {"timings_s": timings, "dictionaries": {}}

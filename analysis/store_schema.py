@@ -1,4 +1,4 @@
-"""The SQLite side of the feature store (sae/store.py): the schema, how one analysis
+"""The SQLite side of the feature store (analysis/store.py): the schema, how one analysis
 becomes rows of the `features` table, and how the full-text index is rebuilt from those rows
 and the labels. Everything here runs inside a transaction the store opened.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from sae.store_records import FeatureArrays
+from analysis.store_records import FeatureArrays
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

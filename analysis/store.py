@@ -1,6 +1,6 @@
 """The feature store: per-feature statistics, examples and labels of one dictionary.
 
-Written by `sae analyze` (activations/analysis.py), read by the HTTP service and by users.
+Written by `sae analyze` (analysis/analyze.py), read by the HTTP service and by users.
 It imports only numpy and the standard library, so the server can read it without a
 language-model stack.
 
@@ -21,8 +21,7 @@ Concurrency: any number of reader threads/processes and one writer at a time (WA
 thread gets its own connection; a busy database is waited for (`busy_timeout`), not failed.
 
 The records (`StoreMeta`, `FeatureRecord`, `Example`, `FeatureArrays`, ...) live in
-sae/store_records.py and the SQL schema/row encoding in sae/store_schema.py; both are
-re-exported here, so `from sae.store import ...` is the one import path.
+analysis/store_records.py and the SQL schema/row encoding in analysis/store_schema.py.
 """
 
 from __future__ import annotations
@@ -42,9 +41,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from sae.atomic import atomic_dir
-from sae.errors import UserError
-from sae.store_records import (
+from analysis.store_records import (
     Example,
     FeatureArrays,
     FeatureRecord,
@@ -54,24 +51,9 @@ from sae.store_records import (
     StoreMeta,
     TokenEffect,
 )
-from sae.store_schema import SCHEMA, feature_rows, reindex
-
-__all__ = [
-    "ANALYSIS_DIR",
-    "DB_NAME",
-    "ORDER_COLUMNS",
-    "Example",
-    "FeatureArrays",
-    "FeatureRecord",
-    "FeatureStore",
-    "FeatureSummary",
-    "Histogram",
-    "Label",
-    "OrderBy",
-    "StoreMeta",
-    "TokenEffect",
-    "resolve_store_dir",
-]
+from analysis.store_schema import SCHEMA, feature_rows, reindex
+from sae.atomic import atomic_dir
+from sae.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from analysis.store import FeatureStore
+from analysis.store_records import Example
 from sae.atomic import atomic_dir
 from sae.errors import UserError
-from sae.store import Example, FeatureStore
 
 logger = logging.getLogger(__name__)
 

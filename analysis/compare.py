@@ -18,7 +18,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
-from activations.analysis import check_pairing, model_activations
+from activations.contexts import model_activations
+from activations.hooks import check_hook_width
 from sae.base import Dictionary
 from sae.errors import UserError
 
@@ -106,7 +107,7 @@ def compare_dictionaries(
         )
     if a.d_in != b.d_in:
         raise UserError(f"dictionaries have different d_in ({a.d_in} vs {b.d_in})")
-    check_pairing(model, a, hook)
+    check_hook_width(model, hook, a.d_in)
     cos = decoder_cosine(a.W_dec, b.W_dec.to(a.device))
     acc = CorrelationAccumulator(a.d_sae, b.d_sae, a.device)
     bar = tqdm(total=n_tokens, unit="tok", disable=not progress, desc="compare")

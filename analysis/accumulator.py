@@ -1,4 +1,4 @@
-"""The streaming per-feature accumulator of `sae analyze` (activations/analysis.py): what one
+"""The streaming per-feature accumulator of `sae analyze` (analysis/analyze.py): what one
 analysis pass collects (`AnalysisConfig`) and how it collects it for every feature at once in
 O(d_sae x N) memory (`FeatureAccumulator`): top-N activating contexts, a uniform sample of
 firings bucketed by quantile, firing counts, mean and max activation and a histogram.
@@ -30,9 +30,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from activations.logit_effects import LogitEffects
+from analysis.logit_effects import LogitEffects
+from analysis.store_records import FeatureArrays, StoreMeta
 from sae.errors import UserError
-from sae.store import FeatureArrays, StoreMeta
 
 logger = logging.getLogger(__name__)
 

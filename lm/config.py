@@ -1,4 +1,4 @@
-"""The configuration of `sae train-lm` (activations/train_lm.py): every setting of one run,
+"""The configuration of `sae train-lm` (lm/train.py): every setting of one run,
 and the hash that names the run's work directory so that only the same run resumes there.
 """
 
@@ -49,7 +49,7 @@ class TrainLMConfig:
     3.199 (issue 3)."""
     optimizer: str = "muon"
     """muon: Muon on the block's matrices and AdamW on the embeddings, unembedding and vectors,
-    sharing one learning rate (activations/lm_optim.py); or adamw on everything. After 6,000
+    sharing one learning rate (lm/optim.py); or adamw on everything. After 6,000
     steps Muon at lr 6e-3 reached validation CE 3.274 against AdamW's 3.300 at 3e-3
     (disjoint windows of 256, issue 3)."""
     lr: float = 6e-3
@@ -120,7 +120,7 @@ class TrainLMConfig:
             raise ValueError("min_lr_ratio must be in [0, 1]")
         if self.autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_DTYPES)}")
-        from activations.lm_optim import OPTIMIZERS
+        from lm.optim import OPTIMIZERS
 
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
