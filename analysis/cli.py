@@ -84,16 +84,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 # -- shared set-up ------------------------------------------------------------------------------
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return name
-
-
 def _text_config(args: argparse.Namespace, model: Any) -> Any:
     from activations.text import TextConfig
 
@@ -135,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from analysis.accumulator import AnalysisConfig
     from analysis.analyze import analyze
     from analysis.store import FeatureStore
+    from sae.devices import resolve_device
 
     store_dir = _store_dir(args)
     if not args.skip_analysis:
@@ -142,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             cfg = dataclass_from_args(AnalysisConfig, args, None)
         except ValueError as e:
             raise UserError(str(e)) from e
-        device = _device(args.device)
+        device = str(resolve_device(args.device))
         dictionary, model, model_name = _load(args.dictionary, args.model, device)
         text = _text_config(args, model)
         arrays = analyze(model, dictionary, text, cfg, hook_name=args.hook,
@@ -173,9 +164,10 @@ def run(args: argparse.Namespace) -> int:
 def run_compare(args: argparse.Namespace) -> int:
     from analysis.compare import compare_dictionaries, comparison_json
     from sae.atomic import atomic_write_json
+    from sae.devices import resolve_device
     from sae.io import load_dictionary
 
-    device = _device(args.device)
+    device = str(resolve_device(args.device))
     a, model, _ = _load(args.dictionary_a, args.model, device)
     b = load_dictionary(args.dictionary_b, device=device)
     text = _text_config(args, model)

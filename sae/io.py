@@ -29,6 +29,7 @@ from torch import Tensor
 
 from sae.atomic import atomic_dir
 from sae.base import ARCHITECTURES, Dictionary, DictionaryConfig, build
+from sae.devices import DTYPES
 from sae.errors import DictionaryFormatError, UserError
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,6 @@ FORMAT_VERSION = 1
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
 # A hub repo id, optionally followed by a subfolder: org/name[/sub/folder].
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./-]+)?")
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from sae.errors import UserError
+from sae import devices
 
 
 @dataclass(frozen=True)
@@ -87,21 +87,9 @@ def all_reduce_(tensor: Tensor, info: DistInfo, op: str = "sum") -> Tensor:
 
 
 def resolve_device(name: str, dist: DistInfo) -> torch.device:
-    """auto -> cuda > mps > cpu; under torchrun each process takes cuda:LOCAL_RANK."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    device = torch.device(name)
+    """`sae.devices.resolve_device` with this process's local rank, made the current CUDA
+    device so that kernels and NCCL use it."""
+    device = devices.resolve_device(name, dist.local_rank)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("device cuda requested but no CUDA device is available")
-        if device.index is None:
-            device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device mps requested but MPS is not available")
     return device
