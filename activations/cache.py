@@ -1,22 +1,14 @@
-"""The activation cache: run a model over packed text once, keep every hooked activation on disk.
+"""`sae cache`: run a model over packed text once and keep every hooked activation on disk.
 
-Layout of a cache folder (`CacheConfig.out`):
-
-    cache_config.json                  what was asked (model, hooks, text, dtype, ...): resume key
-    blocks.0.mlp.hook_post/            one folder per hook
-        shard-00-000000.safetensors    rank 00, shard 0: activations [N, D] (chosen dtype),
-                                       token_ids [N] int32, sequence [N] int64, position [N]
-                                       int32, and this shard's stat_sum [D] / stat_sq_norm [1]
-                                       (float64) so statistics survive a resume
-        part-00.json                   rank 00's shard list, written when the rank is done
-        manifest.json                  what readers open: model, hook_name, dataset, dtype, d_in,
-                                       n_tokens, shards, per-dimension mean, mean_squared_norm
-                                       (activations/shards.py writes shards and manifests)
+The files are laid out as activations/cache_format.py describes; activations/cache_writer.py
+writes the shards and manifests. This module drives a run: check the model, hooks and text,
+pick the shard size, refuse a folder holding another run, resume a killed one, and feed every
+context's activations to the writer.
 
 Nothing lost, nothing doubled: shard k of a rank always holds rows [k * shard_tokens,
-(k + 1) * shard_tokens) of that rank's deterministic row stream, and is written under a temporary
-name then renamed (`sae.atomic`). A run killed at any moment restarts after the last shard that
-every hook completed, skipping the covered contexts without running the model on them.
+(k + 1) * shard_tokens) of that rank's deterministic row stream, and a shard file exists only
+once complete. A run killed at any moment restarts after the last shard that every hook
+completed, skipping the covered contexts without running the model on them.
 
 Past one machine: under `torchrun` each rank takes every world_size-th context of the same
 stream (`activations.text.context_batches`) and writes its own shards and part manifest into
@@ -37,50 +29,35 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from activations.prefetch import in_background
-from activations.shards import (  # re-exported: the cache's public names
+from activations.cache_format import (
+    CONFIG_FILE,
+    COUNT_FILE,
     FORMAT,
     FORMAT_VERSION,
-    MANIFEST,
+    META_BYTES_PER_ROW,
+    StorageDtype,
+    hook_dir,
+    part_name,
+    shard_name,
+)
+from activations.cache_writer import (
     ShardBuffers,
     ShardWriter,
     check_free_disk,
     merge_manifest,
-    part_name,
-    shard_name,
     write_part_manifest,
 )
+from activations.prefetch import in_background
 from activations.text import TextConfig, check_source, context_batches, iter_contexts
 from sae.atomic import atomic_write_json
 from sae.dataclass_cli import to_dict
+from sae.devices import DTYPES, resolve_device
 from sae.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "CONFIG_FILE",
-    "DTYPES",
-    "MANIFEST",
-    "CacheConfig",
-    "CacheResult",
-    "cache_activations",
-    "check_free_disk",
-    "hook_dir",
-    "part_name",
-    "shard_name",
-]
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-CONFIG_FILE = "cache_config.json"
-COUNT_FILE = "n_contexts.json"
 SHARD_TARGET_BYTES = 128 * 2**20
 """Auto shard size: about this many bytes of activations for the widest hook."""
-META_BYTES_PER_ROW = 4 + 8 + 4
-"""token_ids int32 + sequence int64 + position int32."""
 
 
 @dataclass
@@ -95,7 +72,7 @@ class CacheConfig:
     """TransformerLens hook names, all cached in one forward pass."""
     text: TextConfig = field(default_factory=TextConfig)
     """The text source and packing (nested options --text.*)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: StorageDtype = "bfloat16"
     """Stored activation dtype. bfloat16 halves the disk of float32 (SAELens's default) with
     float32's range, so residual-stream outliers cannot overflow as they can in float16."""
     max_tokens: int | None = None
@@ -106,7 +83,7 @@ class CacheConfig:
     """Leave out position 0 (the BOS token of every context): its norm is an outlier that
     dominates reconstruction losses and says nothing about the text."""
     device: str = "auto"
-    """Device to run the model on; auto: cuda (this rank's LOCAL_RANK) if present, else cpu."""
+    """Device to run the model on; auto: cuda (this rank's LOCAL_RANK), else mps, else cpu."""
     model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the model runs in."""
     overwrite: bool = False
@@ -148,19 +125,6 @@ class _Plan(NamedTuple):
 def dist_info() -> tuple[int, int]:
     """(rank, world_size) from the torchrun environment; (0, 1) otherwise."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def resolve_device(device: str) -> torch.device:
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def hook_dir(out: Path, hook_name: str) -> Path:
-    """The folder of one hook inside a cache folder."""
-    return Path(out) / hook_name
 
 
 # -- resume bookkeeping ---------------------------------------------------------------------
@@ -368,7 +332,7 @@ def cache_activations(
     )
     try:
         with ActivationCapture(model, names) as capture:
-            # Tokenize on a thread, ahead of the forward pass (issue 4: overhead <= 10%).
+            # Tokenize on a thread, ahead of the forward pass, so it costs no model time.
             for batch in in_background(contexts, depth=8):
                 acts = capture(batch.tokens.to(device))
                 S = batch.tokens.shape[0]

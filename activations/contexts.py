@@ -1,8 +1,9 @@
 """Activations of whole contexts, with their tokens: what feature analysis reads.
 
 Two sources give the same `ActivationBatch`es: a pass of text through the model
-(`model_activations`), or contexts rebuilt from an activation cache, which stores each row's
-token id, context index and position (`cached_activations`: no model forward at all).
+(`model_activations`), or contexts rebuilt in order from an activation cache, which stores each
+row's token id, context index and position (`cached_activations`, on the reader core
+`activations.reader.CacheShards`: no model forward at all).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from activations.hooks import ActivationCapture
 from activations.prefetch import in_background
-from activations.reader import memmap_activations, open_manifest
+from activations.reader import CacheShards
 from activations.text import context_batches
 from sae.errors import UserError
 
@@ -61,13 +62,11 @@ def cached_activations(
     Rows of one context are consecutive within a rank's shards (a context may straddle two
     shards); positions the cache left out (BOS) get `fill_token` and are marked invalid.
     """
-    from safetensors import safe_open
-
-    folder, manifest = open_manifest(path, hook_name)
-    if manifest.get("hook_name") != hook_name:
-        raise UserError(f"activation cache {folder} holds {manifest.get('hook_name')!r}, "
+    cache = CacheShards(path, hook_name)
+    if cache.hook_name != hook_name:
+        raise UserError(f"activation cache {cache.folder} holds {cache.hook_name!r}, "
                         f"not {hook_name!r}")  # fmt: skip
-    T = int(manifest["context_size"])
+    T = int(cache.manifest["context_size"])
     emitted = 0
     rest: list[Tensor] = []
 
@@ -82,12 +81,9 @@ def cached_activations(
         valid[local, p] = True
         return ActivationBatch(tokens.to(device), uniq, full.to(device), valid.to(device))
 
-    for shard in manifest["shards"]:
-        file = folder / shard["file"]
-        with safe_open(str(file), "pt") as st:
-            cols = [memmap_activations(file)] + [
-                st.get_tensor(k) for k in ("token_ids", "sequence", "position")
-            ]
+    for shard, shard_acts in enumerate(cache.activations):
+        meta = cache.meta_columns(shard)
+        cols = [shard_acts, meta["token_ids"], meta["sequence"], meta["position"]]
         if rest:
             cols = [torch.cat([r, c]) for r, c in zip(rest, cols, strict=True)]
         seq = cols[2]

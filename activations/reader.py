@@ -1,4 +1,12 @@
-"""The shuffled reader over an activation cache: the trainer's `Iterator[Tensor[B, D]]`.
+"""Reading an activation cache: the reader core and the shuffled training reader.
+
+`CacheShards` is the one reader core: it opens one cached hook (manifest, row-count check, a
+memory map of every shard's activations, a shard's metadata columns on request). Both readers
+are built on it: the shuffled `CachedActivations` below (a `ResumableSource` for the trainer,
+activations/source.py) and the ordered per-context `cached_activations` that feature analysis
+reads (activations/contexts.py). The files are laid out as activations/cache_format.py says.
+
+The shuffled order.
 
 Why not read shards in order: consecutive rows are consecutive tokens of one context, and
 SAELens's cache was found not to be shuffled at all. Why not a per-row global permutation:
@@ -21,8 +29,6 @@ beyond the smallest rank's share are left out that epoch) so their steps stay in
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,57 +38,40 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from activations.cache import CONFIG_FILE, DTYPES
+from activations.cache_format import memmap_activations, open_manifest, read_meta_columns
 from activations.prefetch import in_background
-from activations.shards import MANIFEST, part_name
+from sae.devices import DTYPES
 from sae.errors import UserError
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
+class CacheShards:
+    """One cached hook opened for reading: its manifest and a memory map of every shard's
+    activations (`activations[i]`, [n_rows of shard i, d_in] in the stored dtype, no copy).
 
-def open_manifest(path: str | Path, hook_name: str | None = None) -> tuple[Path, dict[str, Any]]:
-    """(hook folder, manifest) for a cache root plus hook name, or a hook folder itself."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"activation cache {path} does not exist")
-    if hook_name is None and not (path / MANIFEST).is_file() and (path / CONFIG_FILE).is_file():
-        hooks = json.loads((path / CONFIG_FILE).read_text())["hooks"]
-        if len(hooks) != 1:
-            raise UserError(f"{path} caches several hooks ({', '.join(hooks)}); pick one")
-        hook_name = hooks[0]
-    folder = path / hook_name if hook_name is not None else path
-    if hook_name is not None and not folder.is_dir():
-        raise UserError(f"{path} has no cached hook {hook_name!r}")
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        config = folder.parent / CONFIG_FILE
-        if config.is_file():
-            world = json.loads(config.read_text()).get("world_size", 1)
-            missing = [r for r in range(world) if not (folder / part_name(r)).is_file()]
+    `path` is a cache root plus `hook_name`, or a hook folder (see `open_manifest`). A UserError
+    if the shards do not hold the rows the manifest counts.
+    """
+
+    def __init__(self, path: str | Path, hook_name: str | None = None) -> None:
+        self.folder, self.manifest = open_manifest(path, hook_name)
+        self.hook_name: str = self.manifest["hook_name"]
+        self.d_in: int = int(self.manifest["d_in"])
+        self.dtype: torch.dtype = DTYPES[self.manifest["dtype"]]
+        self.files = [self.folder / s["file"] for s in self.manifest["shards"]]
+        self.activations = [memmap_activations(f) for f in self.files]
+        self.n_rows = sum(len(t) for t in self.activations)
+        if self.n_rows != self.manifest["n_tokens"]:
             raise UserError(
-                f"activation cache {folder} is incomplete (rank(s) {missing} not finished); "
-                "run the same `sae cache` command again to resume it"
+                f"{self.folder}: shards hold {self.n_rows} rows, manifest says {self.manifest['n_tokens']}"
             )
-        raise UserError(f"{folder} is not an activation cache: no {MANIFEST}")
-    return folder, json.loads(manifest_path.read_text())
 
+    def __len__(self) -> int:
+        """Number of shards."""
+        return len(self.files)
 
-def memmap_activations(path: Path) -> Tensor:
-    """The `activations` tensor of a shard as a read-only-in-practice memory map (no copy)."""
-    with open(path, "rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(header_len))
-    info = header["activations"]
-    dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-    begin, end = info["data_offsets"]
-    if end == begin:
-        return torch.empty(info["shape"], dtype=dtype)
-    # mode "c" (copy-on-write) gives a writable view torch accepts without a warning; pages are
-    # still read lazily from the file and never written back.
-    raw = np.memmap(
-        path, dtype=np.uint8, mode="c", offset=8 + header_len + begin, shape=(end - begin,)
-    )
-    return torch.from_numpy(raw).view(dtype).view(info["shape"])
+    def meta_columns(self, shard: int) -> dict[str, Tensor]:
+        """token_ids, sequence and position of every row of shard `shard` (in memory)."""
+        return read_meta_columns(self.files[shard])
 
 
 class _Chunk(NamedTuple):
@@ -120,9 +109,9 @@ class CachedActivations:
             raise ValueError("batch_size, epochs and chunk_rows must be positive")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.folder, self.manifest = open_manifest(path, hook_name)
-        self.hook_name: str = self.manifest["hook_name"]
-        self.d_in: int = int(self.manifest["d_in"])
+        self.cache = CacheShards(path, hook_name)
+        self.hook_name = self.cache.hook_name
+        self.d_in = self.cache.d_in
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.seed = seed
@@ -132,19 +121,14 @@ class CachedActivations:
         self.dtype = dtype
         self.drop_last = drop_last or world_size > 1
         self.prefetch = prefetch
-        self.shards = [memmap_activations(self.folder / s["file"]) for s in self.manifest["shards"]]
-        itemsize = DTYPES[self.manifest["dtype"]].itemsize
-        self.buffer_rows = max(batch_size, buffer_bytes // (self.d_in * itemsize))
+        self.shards = self.cache.activations
+        self.buffer_rows = max(batch_size, buffer_bytes // (self.d_in * self.cache.dtype.itemsize))
         self.chunks = [
             _Chunk(i, a, min(a + chunk_rows, len(t)))
             for i, t in enumerate(self.shards)
             for a in range(0, len(t), chunk_rows)
         ]
-        self.n_rows = sum(len(t) for t in self.shards)
-        if self.n_rows != self.manifest["n_tokens"]:
-            raise UserError(
-                f"{self.folder}: shards hold {self.n_rows} rows, manifest says {self.manifest['n_tokens']}"
-            )
+        self.n_rows = self.cache.n_rows
         self.epoch = 0
         self.position = 0
         self._rows_per_epoch: int | None = None
@@ -197,12 +181,12 @@ class CachedActivations:
     @property
     def mean(self) -> Float[Tensor, " D"]:
         """Per-dimension mean of the cached activations (from the manifest)."""
-        return torch.tensor(self.manifest["mean"], dtype=torch.float32)
+        return torch.tensor(self.cache.manifest["mean"], dtype=torch.float32)
 
     @property
     def mean_squared_norm(self) -> float:
         """E ||x||^2 over the cache (for scaling inputs so that E ||x||^2 = d_in)."""
-        return float(self.manifest["mean_squared_norm"])
+        return float(self.cache.manifest["mean_squared_norm"])
 
     # -- resume ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,10 +1,10 @@
-"""Benchmark the activation cache on the bundled model (issue 4). Prints numbers; asserts nothing.
+"""Benchmark the activation cache on the bundled model. Prints numbers; asserts nothing.
 
     python benchmarks/bench_cache.py [--model stdlib-1l-512] [--tokens 100000]
 
 1. caching tokens/s (tokenize + forward + capture + disk, the whole `cache_activations`)
    vs. a bare forward pass that stops at the same hook and keeps nothing: the overhead ratio
-   (issue goal: <= 10%);
+   (the target: <= 10%);
 2. the shuffled reader's throughput in GB/s of float32 batches, and as a multiple of what a
    trainer consumes, measured as a ReLU dictionary train step (d_sae = 8 d_in, Adam) from sae/;
 3. bytes on disk per token per hook.
@@ -145,7 +145,8 @@ def main() -> None:
         }
 
         # The writer thread's work per token (statistics, cast, file write), measured alone.
-        from activations.shards import shard_statistics, write_safetensors
+        from activations.cache_format import write_safetensors
+        from activations.cache_writer import shard_statistics
 
         rows_f32 = CachedActivations(f32.hook_dirs[args.hook], batch_size=65536, prefetch=0)
         x = torch.cat(list(rows_f32))

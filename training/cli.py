@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 from typing import Any
 
 from sae.errors import UserError
@@ -65,8 +64,8 @@ def _load_config(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from activations.cache import CONFIG_FILE
-    from activations.reader import CachedActivations, open_manifest
+    from activations.cache_format import CONFIG_FILE, open_manifest, read_cache_config
+    from activations.reader import CachedActivations
     from training.sweep import expand_grid, parse_sweep
     from training.trainer import Trainer
 
@@ -86,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     reader = CachedActivations(
         args.cache, args.hook, batch_size=cfg.batch_size, seed=cfg.seed, epochs=epochs
     )
-    cache_cfg = _cache_config(Path(args.cache))
+    cache_cfg = read_cache_config(args.cache)
     model_name = cache_cfg.get("model") if cache_cfg else None
     for _, c in members:
         c.dictionary.hook_name = c.dictionary.hook_name or reader.hook_name
@@ -123,18 +122,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}: {path} ({summary})")
     print(f"trained {result.tokens} tokens in {result.steps} steps; run folder {result.out_dir}")
     return 0
-
-
-def _cache_config(cache: Path) -> dict[str, Any] | None:
-    """The cache's config (model, text, ...), for a cache root or one of its hook folders."""
-    import json
-
-    from activations.cache import CONFIG_FILE
-
-    for folder in (cache, cache.parent):
-        if (folder / CONFIG_FILE).is_file():
-            return json.loads((folder / CONFIG_FILE).read_text())
-    return None
 
 
 def _lm_evaluator(cache_cfg: dict[str, Any], hook_name: str, n_contexts: int) -> Any:

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from activations.cache import CacheConfig, cache_activations, shard_name
+from activations.cache import CacheConfig, cache_activations
+from activations.cache_format import shard_name
 from activations.hooks import ActivationCapture
 from activations.text import TextConfig, context_batches
 from sae.cli import main as sae_main
@@ -276,7 +277,8 @@ def load_hook_part(folder: Path, rank: int) -> dict[str, torch.Tensor]:
 def test_our_safetensors_writer_reads_back_with_the_safetensors_library(tmp_path):
     from safetensors import safe_open
 
-    from activations.shards import shard_statistics, write_safetensors
+    from activations.cache_format import write_safetensors
+    from activations.cache_writer import shard_statistics
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1000, 7, generator=g) * 3 + 1

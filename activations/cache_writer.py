@@ -1,10 +1,9 @@
-"""Shard files and manifests of the activation cache: how rows reach the disk.
+"""The activation-cache writer: buffers rows into shards, writes them, merges the manifests.
 
-A shard is a safetensors file: activations [N, D] in the stored dtype, token_ids [N] int32,
-sequence [N] int64, position [N] int32, and float64 stat_sum [D] / stat_sq_norm [1] of the
-float32 rows (kept per shard so statistics survive a resume). Each rank lists its shards in a
-part manifest; when every rank's part exists they merge into the manifest the readers open.
-Shards are written on a background thread, under a temporary name, then renamed.
+Rows are buffered in float32 until a shard is full (`ShardBuffers`), so its statistics are
+exact; full shards are written on a background thread (`ShardWriter`) under a temporary name,
+then renamed. Each rank lists its shards in a part manifest, and the last rank to finish merges
+the parts into manifest.json. The files are laid out as activations/cache_format.py describes.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import json
 import queue
 import shutil
-import struct
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,20 +18,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from activations.cache_format import (
+    MANIFEST,
+    META_COLUMNS,
+    part_name,
+    shard_name,
+    write_safetensors,
+)
 from sae.atomic import atomic_path, atomic_write_json
 from sae.errors import UserError
-
-MANIFEST = "manifest.json"
-FORMAT = "sae-activation-cache"
-FORMAT_VERSION = 1
-
-
-def shard_name(rank: int, index: int) -> str:
-    return f"shard-{rank:02d}-{index:06d}.safetensors"
-
-
-def part_name(rank: int) -> str:
-    return f"part-{rank:02d}.json"
 
 
 def check_free_disk(path: Path, needed: int) -> None:
@@ -93,9 +86,7 @@ class ShardWriter:
         sum_D, sq_norm = shard_statistics(acts)
         tensors = {
             "activations": acts.to(self.dtype),
-            "token_ids": rows["token_ids"],
-            "sequence": rows["sequence"],
-            "position": rows["position"],
+            **{name: rows[name] for name in META_COLUMNS},
             # Statistics of the float32 activations, per shard, so a resumed run still sums
             # over every row exactly once.
             "stat_sum": sum_D,
@@ -122,44 +113,6 @@ def shard_statistics(acts: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor]:
     return sum_D, sq
 
 
-_ST_DTYPES = {
-    torch.float32: "F32",
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-}
-
-
-def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file straight from the tensors' memory.
-
-    `safetensors.torch.save_file` first copies every tensor into a Python bytes object; this
-    writes the same format (loadable by `safetensors.safe_open` / `load_file`) with no copy,
-    and with a fixed header order, so the same rows always give the same bytes.
-    """
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    flat = {}
-    for name, t in tensors.items():
-        data = t.detach().contiguous().reshape(-1).view(torch.uint8)
-        header[name] = {
-            "dtype": _ST_DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + data.numel()],
-        }
-        offset += data.numel()
-        flat[name] = data
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
-        for data in flat.values():
-            data.numpy().tofile(fh)
-
-
 class ShardBuffers:
     """Rows of every hook waiting for a full shard (float32, so statistics are exact); full
     shards go to the writer under consecutive indices."""
@@ -180,9 +133,7 @@ class ShardBuffers:
     def _new(self) -> None:
         self.acts = {n: torch.empty(self.size, w) for n, w in self.widths.items()}
         self.meta = {
-            "token_ids": torch.empty(self.size, dtype=torch.int32),
-            "sequence": torch.empty(self.size, dtype=torch.int64),
-            "position": torch.empty(self.size, dtype=torch.int32),
+            name: torch.empty(self.size, dtype=dtype) for name, dtype in META_COLUMNS.items()
         }
         self.fill = 0
 
