@@ -1,6 +1,6 @@
-"""Activations straight from the model, no disk (EleutherAI sparsify's mode): the same
-`Iterator[Tensor[B, D]]` contract as the cache reader, for runs too short to be worth caching
-or too large to store.
+"""Activations straight from the model, no disk (EleutherAI sparsify's mode): a
+`ResumableSource` of [B, D] batches like the cache reader (activations/source.py), for runs
+too short to be worth caching or too large to store.
 
 Rows of one context are consecutive tokens, so `mix_passes` forward passes are pooled and
 their rows permuted (seed, epoch, window) before being cut into batches. As in the cache reader

@@ -1,21 +1,22 @@
 """The training loop: batches in, dictionaries out.
 
     trainer = Trainer(TrainConfig(...), d_in=768)
-    result = trainer.fit(batches)          # any Iterable[Tensor[batch, d_in]]
+    result = trainer.fit(batches)          # a BatchSource: iterates Tensor[batch, d_in]
     result.dictionaries["dictionary"]      # saved in result.out_dir / "dictionary"
 
 `fit` reads like SAELens's SAETrainer.fit: next batch, train step (every member of a sweep
 on the same batch), log, maybe resample, maybe evaluate, maybe checkpoint. The data source is
-only iterated; if it has `state_dict()`/`load_state_dict()` (the activation cache reader
-does), a checkpoint records its position, so `resume=True` continues with exactly the batches
-an uninterrupted run would have seen.
+only iterated (`activations.source.BatchSource`, the named contract with activations/); if it
+is a `ResumableSource` (the cache reader and the streamed source are), a checkpoint records
+its position, so `resume=True` continues with exactly the batches an uninterrupted run would
+have seen.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from activations.source import BatchSource, ResumableSource
 from sae.atomic import atomic_write_json
 from sae.base import Dictionary
 from sae.dataclass_cli import to_dict
@@ -119,7 +121,7 @@ class Trainer:
         self._log = MetricsLogger(self.out_dir, enabled=False)
 
     # -- the loop ------------------------------------------------------------------------------
-    def fit(self, batches: Iterable[Tensor]) -> TrainResult:
+    def fit(self, batches: BatchSource) -> TrainResult:
         it = self._start(batches)
         try:
             with self._stop, self._progress() as bar:
@@ -145,7 +147,7 @@ class Trainer:
             self._log.close()
 
     # -- named steps ---------------------------------------------------------------------------
-    def _start(self, batches: Iterable[Tensor]) -> Iterator[Tensor]:
+    def _start(self, batches: BatchSource) -> Iterator[Tensor]:
         """Restore from the checkpoint, or read the initial sample and initialise."""
         main = self.dist.is_main
         if self.resume:
@@ -282,10 +284,9 @@ class Trainer:
         )
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def _checkpoint(self, batches: Iterable[Tensor]) -> None:
+    def _checkpoint(self, batches: BatchSource) -> None:
         if not self.dist.is_main:
             return
-        source_state = getattr(batches, "state_dict", None)
         save_checkpoint(
             self.out_dir,
             {
@@ -293,7 +294,9 @@ class Trainer:
                 "tokens": self.tokens,
                 "input_scale": self.input_scale,
                 "members": {m.name: m.state_dict() for m in self.members},
-                "data_state": source_state() if callable(source_state) else None,
+                "data_state": (
+                    batches.state_dict() if isinstance(batches, ResumableSource) else None
+                ),
                 "consumed_batches": self._consumed,
                 "pending": [t.cpu() for t in self._pending],
                 "pool": [t.cpu() for t in self._pool],
@@ -302,7 +305,7 @@ class Trainer:
             },
         )
 
-    def _restore(self, state: dict[str, Any], batches: Iterable[Tensor]) -> Iterator[Tensor]:
+    def _restore(self, state: dict[str, Any], batches: BatchSource) -> Iterator[Tensor]:
         names = {m.name for m in self.members}
         if set(state["members"]) != names:
             raise UserError(
@@ -317,9 +320,8 @@ class Trainer:
         self._pool.extend(t.to(self.device) for t in state["pool"])
         self._last = dict(state.get("last_metrics", {}))
         set_rng_state(state["rng"])
-        loader = getattr(batches, "load_state_dict", None)
-        if state["data_state"] is not None and callable(loader):
-            loader(state["data_state"])
+        if state["data_state"] is not None and isinstance(batches, ResumableSource):
+            batches.load_state_dict(state["data_state"])
             return iter(batches)
         # A source without state: replay it and skip what was consumed (exact if deterministic).
         logger.warning(
@@ -383,7 +385,7 @@ class Trainer:
 def train_sweep(
     cfgs: Sequence[TrainConfig],
     d_in: int,
-    batches: Iterable[Tensor],
+    batches: BatchSource,
     names: Sequence[str] | None = None,
     resume: bool = False,
 ) -> TrainResult:

@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from activations.cache import CacheConfig, cache_activations
-from activations.reader import CachedActivations
+from activations.cache_format import META_COLUMNS, read_cache_config
+from activations.reader import CachedActivations, CacheShards
+from activations.source import ResumableSource
 from activations.text import TextConfig
 from sae.errors import UserError
 from tests.activations.cache_helpers import make_docs, one_torch_thread_fixture, tiny_model_fixture  # noqa: F401
@@ -144,6 +146,26 @@ def test_opening_errors(cache_dir, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         CachedActivations(tmp_path / "nothing")
     assert CachedActivations(cache_dir / HOOK).hook_name == HOOK  # a hook folder opens directly
+
+
+def test_reader_core_maps_every_shard_and_reads_its_columns(cache_dir, tmp_path):
+    core = CacheShards(cache_dir, HOOK)
+    files = sorted((cache_dir / HOOK).glob("shard-*.safetensors"))
+    assert len(core) == len(files) == 7 and core.n_rows == N_ROWS and core.d_in == 32
+    for i, f in enumerate(files):
+        stored = load_file(f)
+        assert torch.equal(core.activations[i], stored["activations"])
+        columns = core.meta_columns(i)
+        assert list(columns) == list(META_COLUMNS)
+        for name, dtype in META_COLUMNS.items():
+            assert columns[name].dtype == dtype and torch.equal(columns[name], stored[name])
+    assert read_cache_config(cache_dir) == read_cache_config(cache_dir / HOOK) is not None
+    assert read_cache_config(tmp_path) is None
+
+
+def test_readers_are_resumable_batch_sources(cache_dir):
+    assert isinstance(CachedActivations(cache_dir, HOOK), ResumableSource)
+    assert not isinstance([torch.zeros(2, 32)], ResumableSource)  # a BatchSource only
 
 
 @pytest.mark.gpu

@@ -7,6 +7,7 @@ from collections import Counter
 import torch
 
 from activations.hooks import ActivationCapture
+from activations.source import ResumableSource
 from activations.stream import stream_activations
 from activations.text import TextConfig, token_batches
 from tests.activations.cache_helpers import make_docs, one_torch_thread_fixture, tiny_model_fixture  # noqa: F401
@@ -17,6 +18,7 @@ HOOK = "blocks.0.mlp.hook_post"
 def test_stream_yields_every_row_of_the_text_once_and_resumes(tmp_path, tiny_model):
     text = TextConfig(dataset=str(make_docs(tmp_path / "d", 16)), context_size=16, batch_size=8)
     stream = stream_activations(tiny_model, HOOK, text, batch_size=50, mix_passes=3, seed=1)
+    assert isinstance(stream, ResumableSource)
     batches = list(stream)
     assert all(b.shape == (50, 64) for b in batches[:-1]) and batches[-1].dtype == torch.float32
     tokens = torch.cat(list(token_batches(text, tiny_model.tokenizer)))
