@@ -1,4 +1,8 @@
-"""Hook names, and capturing several hooks in one forward pass that stops early.
+"""Hook names and every way the project hooks a language model (the only place that does).
+
+- `ActivationCapture`: several hooks read in one forward pass that stops early;
+- `hook_activations`: one hook's activations for a text or a batch (the server's requests);
+- `run_with_edits`: the logits with hook activations replaced (loss recovered, steering).
 
 Names are the classic TransformerLens ones that `TransformerBridge` serves in compatibility mode
 (`blocks.0.mlp.hook_post`, `blocks.3.hook_resid_post`, `hook_embed`, ...). Validation happens
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -26,6 +30,9 @@ from torch import Tensor
 from sae.errors import UserError
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+Edit = Callable[[Tensor], Tensor]
+"""A hook edit: a hook's activation in, the activation the model continues with out."""
 
 
 class _StopForward(Exception):
@@ -171,3 +178,36 @@ def check_hook_width(model: Any, hook_name: str, d_in: int) -> None:
             f"dictionary reads {hook_name} with d_in {d_in}, but the model's "
             f"{hook_name} has width {width}: wrong model or dictionary"
         )
+
+
+@torch.no_grad()
+def hook_activations(
+    model: Any, token_ids: Int[Tensor, "*B T"], hook_name: str
+) -> Float[Tensor, "*B T D"]:
+    """The activation at `hook_name` for every token of one text [T] or a batch [B, T], on the
+    model's device (one forward pass that stops there)."""
+    device = next(model.parameters()).device
+    batch = token_ids if token_ids.dim() == 2 else token_ids[None]
+    with ActivationCapture(model, [hook_name]) as capture:
+        acts = capture(batch.to(device))[hook_name]
+    return acts if token_ids.dim() == 2 else acts[0]
+
+
+def _edit_hook(edit: Edit) -> Callable[..., Any]:
+    def fn(tensor: Any, *, hook: Any) -> Any:
+        if isinstance(tensor, tuple):  # some bridged modules hand their output tuple
+            return (edit(tensor[0]), *tensor[1:])
+        return edit(tensor)
+
+    return fn
+
+
+@torch.no_grad()
+def run_with_edits(
+    model: Any, tokens: Int[Tensor, "B T"], edits: Mapping[str, Edit]
+) -> Float[Tensor, "B T V"]:
+    """The model's logits on `tokens` with the activation `x` at each hook `name` of `edits`
+    replaced by `edits[name](x)` (no edits: the plain forward pass)."""
+    fwd_hooks = [(name, _edit_hook(edit)) for name, edit in edits.items()]
+    with model.hooks(fwd_hooks=fwd_hooks):
+        return model(tokens, return_type="logits")

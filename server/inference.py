@@ -1,5 +1,6 @@
 """Running the language model for new text: tokenize, read a hook, and the direct logit effect
-of a decoder direction.
+of a decoder direction. Hooks are read through `activations.hooks.hook_activations`, the one
+place that hooks a model.
 
 Plain functions of (model, dictionary, text) with no HTTP in them, so everything the service
 returns can be reproduced from Python (the parity test in tests/server does exactly that).
@@ -15,7 +16,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from activations.hooks import ActivationCapture
+from activations.hooks import hook_activations as hook_activations  # server/worker.py reads it here
 from activations.text import special_ids
 from analysis.logit_effects import LogitEffects, logit_effects, residual_directions
 from sae.base import Dictionary
@@ -42,19 +43,6 @@ def tokenize(model: Any, text: str, max_tokens: int, prepend_bos: bool = True) -
 
 def token_strings(model: Any, token_ids: list[int]) -> list[str]:
     return [model.tokenizer.decode([i]) for i in token_ids]
-
-
-@torch.no_grad()
-def hook_activations(
-    model: Any, token_ids: Int[Tensor, "*B T"], hook_name: str
-) -> Float[Tensor, "*B T D"]:
-    """The activation at `hook_name` for every token of one text [T] or a batch [B, T]
-    (one forward pass that stops there)."""
-    device = next(model.parameters()).device
-    batch = token_ids if token_ids.dim() == 2 else token_ids[None]
-    with ActivationCapture(model, [hook_name]) as capture:
-        acts = capture(batch.to(device))[hook_name]
-    return acts if token_ids.dim() == 2 else acts[0]
 
 
 @torch.no_grad()

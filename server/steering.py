@@ -4,7 +4,7 @@ Two interventions, applied at every position of every forward pass:
 
 - `add`:   x' = x + strength · unit · W_dec[i]. `unit` is the feature's max activation from
   analysis, so strength 1 means "as strongly as the feature ever fired" whatever the
-  dictionary (Neuronpedia's raw strengths mean nothing across dictionaries; issue 7). Without
+  dictionary (Neuronpedia's raw strengths mean nothing across dictionaries). Without
   analysis (or for a feature that never fired in it) the unit is mean_t ||x_t|| / ||W_dec[i]|| over the prompt: strength 1 adds a
   vector as long as a typical activation.
 - `clamp`: set the feature to a value while keeping the dictionary's reconstruction error,
@@ -14,12 +14,13 @@ Two interventions, applied at every position of every forward pass:
 `generate` runs baseline and steered decoding through the same code path with the same seeded
 generator, and an `add` of strength 0 adds exact zeros, so it reproduces the baseline token
 for token. There is no KV cache: each step re-runs the window, which keeps hooks simple and
-is cheap at the context lengths the service allows.
+is cheap at the context lengths the service allows. The model is hooked through
+`activations.hooks` (`run_with_edits`, `hook_activations`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,11 +28,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from activations.hooks import Edit, hook_activations, run_with_edits
 from sae.base import Dictionary
 from sae.errors import UserError
-from server.inference import hook_activations
 
-Hook = tuple[str, Callable[..., Any]]
+Hook = tuple[str, Edit]
+"""A hook name and the edit applied to its activation."""
 
 
 @dataclass(frozen=True)
@@ -73,20 +75,11 @@ def _apply(steers: list[Steer], x: Tensor) -> Tensor:
 
 
 def steering_hooks(steers: list[Steer]) -> list[Hook]:
-    """Forward hooks applying `steers`, one per hook name."""
+    """Hook edits applying `steers`, one per hook name."""
     by_hook: dict[str, list[Steer]] = {}
     for s in steers:
         by_hook.setdefault(s.hook_name, []).append(s)
-
-    def make(group: list[Steer]) -> Callable[..., Any]:
-        def fn(tensor: Any, *, hook: Any) -> Any:
-            if isinstance(tensor, tuple):  # some bridged modules hand their output tuple
-                return (_apply(group, tensor[0]), *tensor[1:])
-            return _apply(group, tensor)
-
-        return fn
-
-    return [(name, make(group)) for name, group in by_hook.items()]
+    return [(name, functools.partial(_apply, group)) for name, group in by_hook.items()]
 
 
 @torch.no_grad()
@@ -105,9 +98,7 @@ def next_token_logits(model: Any, ids: Int[Tensor, " T"], hooks: list[Hook]) -> 
     """Logits for the token after `ids` with `hooks` active (the window is the last n_ctx)."""
     device = next(model.parameters()).device
     window = ids[-int(model.cfg.n_ctx) :].to(device)[None]
-    with model.hooks(fwd_hooks=hooks):
-        logits = model(window, return_type="logits")
-    return logits[0, -1].float()
+    return run_with_edits(model, window, dict(hooks))[0, -1].float()
 
 
 @torch.no_grad()

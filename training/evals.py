@@ -7,7 +7,7 @@ Batch metrics stay tensors until logged, so a training step never waits on the d
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from activations.hooks import run_with_edits
 from sae.base import Dictionary
 
 
@@ -163,23 +164,19 @@ def loss_recovered(
 ) -> LossRecovered:
     """Splice the reconstruction into `model` at `hook_name` and measure what it costs.
 
-    `model` is a TransformerBridge (or anything with `run_with_hooks(tokens, fwd_hooks=...)`
-    returning logits). `input_scale` is for a dictionary still in its training space (inputs
-    multiplied by the scale); a saved dictionary has it folded in and uses 1.0.
+    `model` is a TransformerBridge, run through `activations.hooks.run_with_edits`.
+    `input_scale` is for a dictionary still in its training space (inputs multiplied by the
+    scale); a saved dictionary has it folded in and uses 1.0.
     """
 
-    def splice(act: Tensor, hook: Any = None) -> Tensor:
+    def splice(act: Tensor) -> Tensor:
         flat = act.reshape(-1, act.shape[-1]).to(dictionary.dtype) * input_scale
         x_hat = dictionary(flat).x_hat / input_scale
         return x_hat.reshape(act.shape).to(act.dtype)
 
-    def zero(act: Tensor, hook: Any = None) -> Tensor:
-        return torch.zeros_like(act)
-
-    run: Callable[..., Tensor] = model.run_with_hooks
-    clean = run(tokens, fwd_hooks=[], return_type="logits")
-    spliced = run(tokens, fwd_hooks=[(hook_name, splice)], return_type="logits")
-    ablated = run(tokens, fwd_hooks=[(hook_name, zero)], return_type="logits")
+    clean = run_with_edits(model, tokens, {})
+    spliced = run_with_edits(model, tokens, {hook_name: splice})
+    ablated = run_with_edits(model, tokens, {hook_name: torch.zeros_like})
     ce_clean = _next_token_ce(clean, tokens)
     ce_spliced = _next_token_ce(spliced, tokens)
     ce_zero = _next_token_ce(ablated, tokens)

@@ -1,11 +1,19 @@
-"""Hook capture: several hooks, one pass, nothing computed after the last of them."""
+"""Hook capture: several hooks, one pass, nothing computed after the last of them; hook edits
+give the logits TransformerLens's run_with_hooks gives."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from activations.hooks import ActivationCapture, check_hook_names, hook_layer, hook_widths
+from activations.hooks import (
+    ActivationCapture,
+    check_hook_names,
+    hook_activations,
+    hook_layer,
+    hook_widths,
+    run_with_edits,
+)
 from sae.errors import UserError
 from tests.activations.cache_helpers import one_torch_thread_fixture, tiny_model_fixture  # noqa: F401
 
@@ -48,3 +56,22 @@ def test_an_open_capture_does_not_disturb_another_or_a_plain_forward(tiny_model)
             got = inner(tokens)
         assert torch.equal(tiny_model(tokens), full)  # the open capture stays passive
         assert set(outer(tokens)) == {HOOKS[0]} and set(got) == {HOOKS[1]}
+
+
+def test_run_with_edits_equals_run_with_hooks_and_hook_activations_reads_one_hook(tiny_model):
+    tokens = torch.randint(0, 250, (2, 12))
+    hook = HOOKS[1]
+
+    def double(x: torch.Tensor, hook: object = None) -> torch.Tensor:
+        return 2 * x
+
+    assert torch.equal(run_with_edits(tiny_model, tokens, {}), tiny_model(tokens))
+    want = tiny_model.run_with_hooks(tokens, fwd_hooks=[(hook, double)], return_type="logits")
+    got = run_with_edits(tiny_model, tokens, {hook: double})
+    assert torch.equal(got, want) and not torch.equal(got, tiny_model(tokens))
+    with ActivationCapture(tiny_model, [hook]) as capture:
+        acts = capture(tokens)[hook]
+    assert torch.equal(hook_activations(tiny_model, tokens, hook), acts)
+    with ActivationCapture(tiny_model, [hook]) as capture:
+        one = capture(tokens[1:])[hook][0]
+    assert torch.equal(hook_activations(tiny_model, tokens[1], hook), one)  # one text [T]
