@@ -1,4 +1,4 @@
-"""The bundled corpus: the Python standard library's own source files (issue 3).
+"""The bundled corpus: the Python standard library's own source files.
 
 Every Python installation carries it, so the default run (cache -> train -> analyze -> serve)
 needs no dataset hub. Code has clean, checkable features (inside a string, in a comment,

@@ -3,8 +3,8 @@
 Every language model goes through `TransformerBridge.boot_transformers` (TransformerLens 4.x)
 followed by `enable_compatibility_mode()`, so hook names are the classic TransformerLens ones
 (`blocks.0.mlp.hook_post`, `blocks.0.hook_resid_post`, ...) whatever the source. The bundled
-model (issue 3) is an ordinary Hugging Face GPT-2 directory shipped in `activations/bundled/`,
-so it takes exactly the same path as `gpt2` from the hub.
+model (trained by `sae train-lm`, lm/) is an ordinary Hugging Face GPT-2 directory shipped in
+`activations/bundled/`, so it takes exactly the same path as `gpt2` from the hub.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 BUNDLED_MODEL = "stdlib-1l-512"
 """Short name of the bundled model: 1 layer, d_model 128, 512 MLP neurons, trained on the
-Python standard library (issue 3). "bundled" is accepted as an alias."""
+Python standard library (`activations.corpus`). "bundled" is accepted as an alias."""
 
 BUNDLED_ALIASES = (BUNDLED_MODEL, "bundled")
 
