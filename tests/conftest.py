@@ -71,3 +71,21 @@ def bundled():
     from activations.model import BUNDLED_MODEL, load_model
 
     return load_model(BUNDLED_MODEL)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_lm_dir: Path):
+    """The tiny GPT-2 loaded through the TransformerBridge, once per module."""
+    from activations.model import load_model
+
+    return load_model(str(tiny_lm_dir))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls on a shared 2-core box: a second OpenMP thread only adds spin-waiting
+    (measured 17x slower under load), so modules that ask for this run torch on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

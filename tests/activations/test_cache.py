@@ -22,7 +22,9 @@ from activations.text import TextConfig, context_batches
 from sae.cli import main as sae_main
 from sae.dataclass_cli import to_dict
 from sae.errors import UserError
-from tests.activations.cache_helpers import make_docs, one_torch_thread_fixture, tiny_model_fixture  # noqa: F401
+from tests.helpers import make_docs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 HOOKS = ("blocks.0.mlp.hook_post", "blocks.0.hook_resid_post")
 
@@ -131,6 +133,7 @@ def test_two_ranks_write_one_cache_equal_to_a_single_run(tmp_path, docs, tiny_lm
     assert torch.allclose(torch.tensor(m1["mean"]), torch.tensor(m2["mean"]), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_to_exactly_the_uninterrupted_cache(
     tmp_path, tiny_lm_dir, tiny_model
 ):

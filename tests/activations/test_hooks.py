@@ -15,7 +15,8 @@ from activations.hooks import (
     run_with_edits,
 )
 from sae.errors import UserError
-from tests.activations.cache_helpers import one_torch_thread_fixture, tiny_model_fixture  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.0.mlp.hook_post", "blocks.0.attn.hook_z"]
 

@@ -15,7 +15,9 @@ from activations.reader import CachedActivations, CacheShards
 from activations.source import ResumableSource
 from activations.text import TextConfig
 from sae.errors import UserError
-from tests.activations.cache_helpers import make_docs, one_torch_thread_fixture, tiny_model_fixture  # noqa: F401
+from tests.helpers import make_docs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 HOOK = "blocks.0.hook_resid_post"
 N_ROWS = 2000

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 import torch
 
 from activations.hooks import ActivationCapture
 from activations.source import ResumableSource
 from activations.stream import stream_activations
 from activations.text import TextConfig, token_batches
-from tests.activations.cache_helpers import make_docs, one_torch_thread_fixture, tiny_model_fixture  # noqa: F401
+from tests.helpers import make_docs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 HOOK = "blocks.0.mlp.hook_post"
 

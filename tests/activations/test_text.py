@@ -18,7 +18,9 @@ from activations.text import (
     token_batches,
 )
 from sae.errors import UserError
-from tests.activations.cache_helpers import make_docs, one_torch_thread_fixture, tiny_model_fixture  # noqa: F401
+from tests.helpers import make_docs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

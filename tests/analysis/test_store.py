@@ -202,6 +202,7 @@ def _reader_process(root: str, deadline: float, out: mp.Queue) -> None:  # type:
         out.put(("error", repr(e)))
 
 
+@pytest.mark.slow
 def test_two_readers_one_writer(tmp_path: Path) -> None:
     root = str(tmp_path)
     with FeatureStore.open(root) as store:

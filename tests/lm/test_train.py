@@ -49,6 +49,7 @@ def test_recorded_loss_is_far_below_the_unigram_entropy(metrics: dict) -> None:
     )
 
 
+@pytest.mark.slow
 def test_recorded_numbers_are_those_of_the_shipped_files(metrics: dict) -> None:
     """Recompute from the shipped tokenizer and weights: unigram entropy exactly, and the
     cross-entropy of the first sliding windows close to the full-split figure."""
@@ -171,6 +172,7 @@ def _tiny(tmp_path: Path, name: str, **overrides) -> TrainLMConfig:
     return TrainLMConfig(**fields)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_train_lm_smoke_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     threads = torch.get_num_threads()
     straight = run_training(_tiny(tmp_path, "straight"))
@@ -211,6 +213,7 @@ def test_train_lm_smoke_resumes_exactly(tmp_path: Path, monkeypatch: pytest.Monk
         run_training(_tiny(tmp_path, "resumed", steps=8))
 
 
+@pytest.mark.slow
 def test_train_lm_compiled_bf16_steps_match_eager_float32(tmp_path: Path) -> None:
     """The fast training path (torch.compile + bf16 autocast, the default where bf16 is native)
     optimises the same model as plain float32: after a few steps the weights differ only by

@@ -182,6 +182,7 @@ def test_info_on_broken_dir_is_one_line_and_nonzero(
     )
 
 
+@pytest.mark.slow
 def test_info_subprocess_of_the_console_script(good: Path) -> None:
     exe = Path(sys.executable).parent / "sae"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

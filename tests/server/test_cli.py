@@ -22,6 +22,7 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "HF_HUB_OFFLINE": "1", **extra}
 
 
+@pytest.mark.slow
 def test_sae_serve_runs_until_interrupted(dict_dirs: dict[str, Path]) -> None:
     port = free_port()
     cmd = [
@@ -63,6 +64,7 @@ def test_sae_serve_runs_until_interrupted(dict_dirs: dict[str, Path]) -> None:
     assert f"serving 2 dictionaries at http://127.0.0.1:{port}/" in "".join(lines)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [

@@ -14,6 +14,7 @@ import random
 from collections import Counter
 from typing import Any
 
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -53,6 +54,7 @@ def aim(case: Any, rnd: random.Random) -> None:
                 iv["feature"] = address()
 
 
+@pytest.mark.slow
 def test_no_request_gets_a_5xx(base_url: str) -> None:
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]

@@ -10,7 +10,7 @@ import yaml
 
 from sae.base import Dictionary
 from sae.cli import main
-from tests.activations.cache_helpers import make_docs
+from tests.helpers import make_docs
 from training.metrics import read_metrics
 
 HOOK = "blocks.0.mlp.hook_post"

@@ -34,6 +34,7 @@ def test_cuda_compiled_bf16_run_matches_the_eager_float32_run(tmp_path):
     assert fast.dictionary.W_dec.is_cuda and eager.dictionary.W_dec.is_cuda
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_needs_no_account(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

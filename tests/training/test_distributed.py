@@ -19,6 +19,7 @@ from training.trainer import Trainer
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_two_process_ddp_equals_one_process(tmp_path):
     torch.set_num_threads(1)
