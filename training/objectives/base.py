@@ -62,6 +62,15 @@ def fvu(x: Float[Tensor, "B D"], x_hat: Float[Tensor, "B D"]) -> Tensor:
     return (x_hat - x).pow(2).sum() / total.clamp_min(1e-12)
 
 
+def penalized_sse(
+    x: Float[Tensor, "B D"], out: ForwardOutput, penalty: Tensor, coefficient: float, name: str
+) -> LossOutput:
+    """sse + coefficient * penalty (Anthropic's form), logging both parts as "recon" and `name`."""
+    recon = sse(x, out.x_hat)
+    parts = {"recon": recon.detach(), name: penalty.detach()}
+    return LossOutput(recon + coefficient * penalty, out, parts)
+
+
 @torch.no_grad()
 def normalize_decoder_rows_(d: Dictionary) -> None:
     """Scale every decoder row to unit norm, in place."""
