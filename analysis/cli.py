@@ -1,4 +1,4 @@
-"""`sae analyze DICT` and `sae compare DICT_A DICT_B` (issue 6).
+"""`sae analyze DICT` and `sae compare DICT_A DICT_B`.
 
     sae analyze runs/my_dict --tokens 200000 --show 3
     sae analyze runs/my_dict --skip-analysis --features 5 17 --export-neuronpedia np/

@@ -132,8 +132,8 @@ class Dictionary(nn.Module):
         pre = x @ self.W_enc + self.b_enc
         if self.cfg.apply_b_dec_to_input:
             # (x - b_dec) W_enc written as x W_enc - b_dec W_enc: the same value, but b_dec's
-            # gradient no longer needs the [B, D] input gradient, one of the six big matmuls
-            # of a training step (a sixth of a relu step, a third of a topk step).
+            # gradient does not need the [B, D] input gradient, which would be a sixth big
+            # matmul in a training step (a sixth of a relu step, a third of a topk step).
             pre = pre - self.b_dec @ self.W_enc
         return pre
 
@@ -182,7 +182,7 @@ class Dictionary(nn.Module):
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:
-        """Make a dictionary trained on `scale * x` act on raw x (issue 2: users never rescale).
+        """Make a dictionary trained on `scale * x` act on raw x, so users never rescale inputs.
 
         pre = W_enc^T (s x - b_dec) + b_enc = (s W_enc)^T (x - b_dec / s) + b_enc, and the
         reconstruction of x is (f W_dec + b_dec) / s. Codes f are unchanged.

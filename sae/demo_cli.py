@@ -1,4 +1,4 @@
-"""`sae demo`: the main job end to end on the bundled model and corpus (issue 8).
+"""`sae demo`: the main job end to end on the bundled model and corpus.
 
     cache (MLP activations) -> train relu+resampling and topk in one sweep -> analyze both
     -> compare them (feature splitting) -> report -> serve the web feature browser
