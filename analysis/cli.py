@@ -138,10 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
     store_dir = _store_dir(args)
     if not args.skip_analysis:
-        try:
-            cfg = dataclass_from_args(AnalysisConfig, args, None)
-        except ValueError as e:
-            raise UserError(str(e)) from e
+        cfg = dataclass_from_args(AnalysisConfig, args, None)
         device = _device(args.device)
         dictionary, model, model_name = _load(args.dictionary, args.model, device)
         text = _text_config(args, model)

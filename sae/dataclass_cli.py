@@ -35,6 +35,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+from sae.errors import UserError
+
 T = TypeVar("T")
 
 
@@ -206,11 +208,15 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 def dataclass_from_args(
     cls: type[T], ns: argparse.Namespace, config_file: str | Path | None = None
 ) -> T:
-    """Config file (if any) first, then the options given on the command line."""
+    """Config file (if any) first, then the options given on the command line. A bad file or
+    value is a UserError, which the `sae` command prints as one line."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     given = {k: v for k, v in vars(ns).items() if k.split(".")[0] in names}
-    data = load_config_file(config_file) if config_file else {}
-    return from_dict(cls, _merge(data, _nest(given)))
+    try:
+        data = load_config_file(config_file) if config_file else {}
+        return from_dict(cls, _merge(data, _nest(given)))
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -240,10 +240,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = dataclass_from_args(DemoConfig, args, args.config)
-    except (ValueError, TypeError) as e:
-        raise UserError(str(e)) from None
+    cfg = dataclass_from_args(DemoConfig, args, args.config)
     start = time.perf_counter()
     report = run_pipeline(cfg)
     print(format_report(report))
