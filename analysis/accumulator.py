@@ -70,7 +70,7 @@ class AnalysisConfig:
     bookkeeping_threads: int = 1
     """CPU threads for the per-batch bookkeeping after the scan for firings (0: leave torch's
     setting). It is many small ops; on a busy machine each multi-threaded small op waits for
-    a descheduled worker, measured 10x slower with 2 threads than with 1 (issue 6 bench)."""
+    a descheduled worker, so one thread is the faster choice there."""
 
     def __post_init__(self) -> None:
         for name in ("n_tokens", "n_top", "n_quantiles", "examples_per_quantile"):

@@ -1,4 +1,4 @@
-"""`sae analyze DICT` and `sae compare DICT_A DICT_B` (issue 6).
+"""`sae analyze DICT` and `sae compare DICT_A DICT_B`.
 
     sae analyze runs/my_dict --tokens 200000 --show 3
     sae analyze runs/my_dict --skip-analysis --features 5 17 --export-neuronpedia np/
@@ -129,10 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
     store_dir = _store_dir(args)
     if not args.skip_analysis:
-        try:
-            cfg = dataclass_from_args(AnalysisConfig, args, None)
-        except ValueError as e:
-            raise UserError(str(e)) from e
+        cfg = dataclass_from_args(AnalysisConfig, args, None)
         device = str(resolve_device(args.device))
         dictionary, model, model_name = _load(args.dictionary, args.model, device)
         text = _text_config(args, model)

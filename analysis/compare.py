@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm import tqdm
@@ -53,9 +54,7 @@ def _topk_rows(m: Tensor, k: int) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def decoder_cosine(W_a: Float[Tensor, "Fa D"], W_b: Float[Tensor, "Fb D"]) -> Tensor:
     """Cosine similarity of every pair of decoder rows, [Fa, Fb]."""
-    a = W_a.float() / W_a.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
-    b = W_b.float() / W_b.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return a @ b.T
+    return F.normalize(W_a.float(), dim=1) @ F.normalize(W_b.float(), dim=1).T
 
 
 class CorrelationAccumulator:

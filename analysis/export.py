@@ -1,4 +1,4 @@
-"""Export a feature store for other tools (issue 6).
+"""Export a feature store for other tools.
 
 - Neuronpedia-style JSON, one file per feature, with the field names of Neuronpedia's
   `Neuron` and `Activation` records (pos_str/pos_values, neg_str/neg_values, frac_nonzero,

@@ -9,6 +9,7 @@ import logging
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -34,7 +35,7 @@ def residual_directions(model: Any, hook_name: str, W_dec: Float[Tensor, "F D"])
     there; `mlp.hook_post` goes through that layer's W_out [d_mlp, d_model]; `attn.hook_z`
     (heads x d_head, flattened) through W_O.
     """
-    d = W_dec.float() / W_dec.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    d = F.normalize(W_dec.float(), dim=-1)
     parts = hook_name.split(".")
     last = parts[-1]
     if last in {"hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_out",

@@ -4,7 +4,7 @@ Written by `sae analyze` (analysis/analyze.py), read by the HTTP service and by 
 It imports only numpy and the standard library, so the server can read it without a
 language-model stack.
 
-Layout (issue 6), by default `<dictionary dir>/analysis/`:
+Layout, by default `<dictionary dir>/analysis/`:
 
     features.sqlite          SQLite in WAL mode: meta, per-feature statistics and logit
                              effects, user labels (kept across re-analysis), FTS5 index
@@ -21,7 +21,8 @@ Concurrency: any number of reader threads/processes and one writer at a time (WA
 thread gets its own connection; a busy database is waited for (`busy_timeout`), not failed.
 
 The records (`StoreMeta`, `FeatureRecord`, `Example`, `FeatureArrays`, ...) live in
-analysis/store_records.py and the SQL schema/row encoding in analysis/store_schema.py.
+analysis/store_records.py, the SQL schema/row encoding in analysis/store_schema.py, and the
+array directories (writing, memory-mapping, reading examples) in analysis/store_arrays.py.
 """
 
 from __future__ import annotations
@@ -33,14 +34,17 @@ import logging
 import shutil
 import sqlite3
 import threading
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-import numpy as np
-
+from analysis.store_arrays import (
+    GenerationArrays,
+    MappedGenerations,
+    remove_generations,
+    write_generation,
+)
 from analysis.store_records import (
     Example,
     FeatureArrays,
@@ -51,8 +55,13 @@ from analysis.store_records import (
     StoreMeta,
     TokenEffect,
 )
-from analysis.store_schema import SCHEMA, feature_rows, reindex
-from sae.atomic import atomic_dir
+from analysis.store_schema import (
+    SCHEMA,
+    feature_rows,
+    reindex,
+    select_labels,
+    select_summaries,
+)
 from sae.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -64,6 +73,7 @@ BUSY_TIMEOUT_MS = 30_000
 
 OrderBy = Literal["feature_id", "density", "max_act", "mean_act"]
 ORDER_COLUMNS: tuple[str, ...] = ("feature_id", "density", "max_act", "mean_act")
+T = TypeVar("T")
 
 
 # -- the store -------------------------------------------------------------------------------
@@ -85,22 +95,6 @@ def resolve_store_dir(path: str | Path) -> Path:
     return path
 
 
-class _Arrays:
-    """The memory-mapped arrays of one analysis generation."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.vocab: list[str] = json.loads((root / "vocab.json").read_text())
-        self._cache: dict[str, np.ndarray] = {}
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        arr = self._cache.get(name)
-        if arr is None:
-            arr = np.load(self.root / f"{name}.npy", mmap_mode="r")
-            self._cache[name] = arr
-        return arr
-
-
 class FeatureStore:
     """Read and write one dictionary's feature store. Thread-safe; see the module docstring."""
 
@@ -110,7 +104,7 @@ class FeatureStore:
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self._arrays: dict[str, _Arrays] = {}
+        self._arrays = MappedGenerations(root)
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
@@ -162,7 +156,7 @@ class FeatureStore:
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
             self._conns.clear()
-            self._arrays.clear()
+        self._arrays.clear()
         self._local = threading.local()
 
     def __enter__(self) -> FeatureStore:
@@ -231,7 +225,7 @@ class FeatureStore:
                 "FROM features WHERE feature_id = ?",
                 (feature_id,),
             ).fetchone()
-            labels = self._labels(conn, feature_id)
+            labels = select_labels(conn, feature_id)
             arrays_dir = self._meta_value(conn, "arrays_dir")
         counts = self._with_arrays(arrays_dir, lambda a: a["hist_counts"][feature_id].tolist())
         n_fires, density, mean_act, max_act, top_tokens, promoted, suppressed = row
@@ -267,35 +261,10 @@ class FeatureStore:
             meta = self._require_meta(conn)
             self._check_id(meta, feature_id)
             arrays_dir = self._meta_value(conn, "arrays_dir")
-        before = meta.context_before
-
-        def read(a: _Arrays) -> list[Example]:
-            seq = a[f"{kind}_sequence"][feature_id]
-            valid = np.flatnonzero(seq >= 0)[offset : offset + limit]
-            ids = np.asarray(a[f"{kind}_token_ids"][feature_id, valid])
-            acts = np.asarray(a[f"{kind}_acts"][feature_id, valid])
-            pos = np.asarray(a[f"{kind}_position"][feature_id, valid])
-            buckets = np.asarray(a["q_bucket"][feature_id, valid]) if kind == "q" else None
-            out = []
-            for j, slot in enumerate(valid):
-                keep = ids[j] >= 0
-                left_pad = int((~keep[:before]).sum())
-                tok_ids = ids[j][keep].tolist()
-                out.append(
-                    Example(
-                        tokens=[a.vocab[t] if t < len(a.vocab) else f"<{t}>" for t in tok_ids],
-                        token_ids=tok_ids,
-                        acts=acts[j][keep].astype(float).tolist(),
-                        max_index=before - left_pad,
-                        max_act=float(acts[j][before]),
-                        sequence=int(seq[slot]),
-                        position=int(pos[j]),
-                        quantile=None if buckets is None else int(buckets[j]),
-                    )
-                )
-            return out
-
-        return self._with_arrays(arrays_dir, read)
+        return self._with_arrays(
+            arrays_dir,
+            lambda a: a.examples(kind, feature_id, meta.context_before, offset, limit),
+        )
 
     def vocab(self) -> list[str]:
         """Display strings of every token id of the analysed model."""
@@ -324,7 +293,7 @@ class FeatureStore:
                 "LIMIT ? OFFSET ?",
                 (limit, offset),
             ).fetchall()
-            return self._summaries(conn, [r[0] for r in rows])
+            return select_summaries(conn, [r[0] for r in rows])
 
     def search(self, query: str, limit: int = 20, offset: int = 0) -> list[FeatureSummary]:
         """Full-text search (FTS5, every word must match, prefix match on the last) over
@@ -343,72 +312,27 @@ class FeatureStore:
                 "ORDER BY bm25(feature_fts, 4.0, 1.0, 1.0), rowid LIMIT ? OFFSET ?",
                 (match, limit, offset),
             ).fetchall()
-            return self._summaries(conn, [r[0] for r in rows])
+            return select_summaries(conn, [r[0] for r in rows])
 
     def summaries(self, feature_ids: list[int]) -> list[FeatureSummary]:
         """The list-row summary of each feature in `feature_ids`, in that order."""
         with self._read() as conn:
             self._require_meta(conn)
-            return self._summaries(conn, [int(i) for i in feature_ids])
+            return select_summaries(conn, [int(i) for i in feature_ids])
 
     def labels(self, feature_id: int) -> list[Label]:
         """Labels of a feature, oldest first."""
         with self._read() as conn:
-            return self._labels(conn, int(feature_id))
+            return select_labels(conn, int(feature_id))
 
-    @staticmethod
-    def _labels(conn: sqlite3.Connection, feature_id: int) -> list[Label]:
-        rows = conn.execute(
-            "SELECT id, feature_id, text, author, created_at FROM labels "
-            "WHERE feature_id = ? ORDER BY id",
-            (feature_id,),
-        ).fetchall()
-        return [Label(*r) for r in rows]
+    def _with_arrays(self, arrays_dir: str | None, fn: Callable[[GenerationArrays], T]) -> T:
+        """Run fn on the arrays of `arrays_dir` (the current ones if a re-analysis removed it)."""
+        return self._arrays.read(arrays_dir, fn, self._current_arrays_dir)
 
-    def _summaries(self, conn: sqlite3.Connection, ids: list[int]) -> list[FeatureSummary]:
-        out = []
-        for fid in ids:
-            row = conn.execute(
-                "SELECT density, mean_act, max_act, top_tokens FROM features WHERE feature_id = ?",
-                (fid,),
-            ).fetchone()
-            if row is None:
-                continue
-            label = conn.execute(
-                "SELECT text FROM labels WHERE feature_id = ? ORDER BY id DESC LIMIT 1", (fid,)
-            ).fetchone()
-            out.append(
-                FeatureSummary(
-                    feature_id=int(fid),
-                    density=float(row[0]),
-                    mean_act=float(row[1]),
-                    max_act=float(row[2]),
-                    top_tokens=json.loads(row[3]),
-                    label=None if label is None else label[0],
-                )
-            )
-        return out
-
-    def _with_arrays(self, arrays_dir: str | None, fn: Any) -> Any:
-        """Run fn on the arrays of `arrays_dir`; if a concurrent re-analysis removed that
-        directory meanwhile, retry once on the current one."""
-        for attempt in range(2):
-            if arrays_dir is None:
-                raise UserError(f"the feature store at {self.root} holds no analysis yet")
-            try:
-                with self._lock:
-                    arrays = self._arrays.get(arrays_dir)
-                    if arrays is None:
-                        arrays = _Arrays(self.root / arrays_dir)
-                        # Keep only the current generation's memory maps.
-                        self._arrays = {arrays_dir: arrays}
-                return fn(arrays)
-            except FileNotFoundError:
-                if attempt:
-                    raise
-                with self._read() as conn:
-                    arrays_dir = self._meta_value(conn, "arrays_dir")
-        raise AssertionError("unreachable")
+    def _current_arrays_dir(self) -> str | None:
+        with self._read() as conn:
+            result: str | None = self._meta_value(conn, "arrays_dir")
+            return result
 
     # -- writing -------------------------------------------------------------------------------
     def add_label(self, feature_id: int, text: str, author: str) -> Label:
@@ -436,13 +360,7 @@ class FeatureStore:
     def replace_statistics(self, arrays: FeatureArrays) -> StoreMeta:
         """Swap in a new analysis atomically; labels are kept. Returns the stored meta."""
         arrays.validate()
-        name = f"arrays-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-        with atomic_dir(self.root / name) as tmp:
-            for field_name in arrays.ARRAY_FIELDS:
-                np.save(
-                    tmp / f"{field_name}.npy", np.ascontiguousarray(getattr(arrays, field_name))
-                )
-            (tmp / "vocab.json").write_text(json.dumps(arrays.vocab))
+        name = write_generation(self.root, arrays)
         rows = list(feature_rows(arrays))
         try:
             with self._write() as conn:
@@ -465,11 +383,6 @@ class FeatureStore:
         except BaseException:
             shutil.rmtree(self.root / name, ignore_errors=True)
             raise
-        self._remove_stale_arrays(keep={name, previous})
+        remove_generations(self.root, keep={name, previous})
         logger.info("feature store %s: generation %d (%s)", self.root, generation, name)
         return meta
-
-    def _remove_stale_arrays(self, keep: set[str | None]) -> None:
-        for path in self.root.glob("arrays-*"):
-            if path.is_dir() and path.name not in keep:
-                shutil.rmtree(path, ignore_errors=True)

@@ -12,6 +12,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+
+def token_text(vocab: list[str], token_id: int) -> str:
+    """Display string of a token id; `<id>` for an id the stored vocabulary does not cover."""
+    return vocab[token_id] if 0 <= token_id < len(vocab) else f"<{token_id}>"
+
+
 # -- records returned to readers ------------------------------------------------------------
 
 

@@ -1,6 +1,7 @@
 """The SQLite side of the feature store (analysis/store.py): the schema, how one analysis
-becomes rows of the `features` table, and how the full-text index is rebuilt from those rows
-and the labels. Everything here runs inside a transaction the store opened.
+becomes rows of the `features` table, how the full-text index is rebuilt from those rows
+and the labels, and how list rows and labels read back as records. Everything here runs
+inside a transaction the store opened.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis.store_records import FeatureArrays
+from analysis.store_records import FeatureArrays, FeatureSummary, Label, token_text
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -44,19 +45,19 @@ CREATE VIRTUAL TABLE IF NOT EXISTS feature_fts USING fts5(labels, top_tokens, lo
 def feature_rows(a: FeatureArrays) -> Iterator[tuple[Any, ...]]:
     """One `features` row per feature, in the column order of SCHEMA."""
     n_tokens = max(a.meta.n_tokens, 1)
-    vocab = a.vocab
-
-    def tok(i: int) -> str:
-        return vocab[i] if 0 <= i < len(vocab) else f"<{i}>"
-
     before = a.meta.context_before
     for f in range(a.meta.d_sae):
         fires = int(a.n_fires[f])
         seen: dict[str, None] = {}
         for slot in np.flatnonzero(a.top_sequence[f] >= 0):
-            seen.setdefault(tok(int(a.top_token_ids[f, slot, before])), None)
+            seen.setdefault(token_text(a.vocab, int(a.top_token_ids[f, slot, before])), None)
         effects = [
-            json.dumps([[tok(int(i)), int(i), float(v)] for i, v in zip(ids, vals, strict=True)])
+            json.dumps(
+                [
+                    [token_text(a.vocab, int(i)), int(i), float(v)]
+                    for i, v in zip(ids, vals, strict=True)
+                ]
+            )
             for ids, vals in (
                 (a.promoted_ids[f], a.promoted_values[f]),
                 (a.suppressed_ids[f], a.suppressed_values[f]),
@@ -97,3 +98,39 @@ def reindex(conn: sqlite3.Connection, feature_ids: list[int] | None) -> None:
             for fid, top, prom, supp, labels in rows
         ],
     )
+
+
+def select_labels(conn: sqlite3.Connection, feature_id: int) -> list[Label]:
+    """Labels of a feature, oldest first."""
+    rows = conn.execute(
+        "SELECT id, feature_id, text, author, created_at FROM labels "
+        "WHERE feature_id = ? ORDER BY id",
+        (feature_id,),
+    ).fetchall()
+    return [Label(*r) for r in rows]
+
+
+def select_summaries(conn: sqlite3.Connection, ids: list[int]) -> list[FeatureSummary]:
+    """The list-row summary of each feature in `ids` that exists, in that order."""
+    out = []
+    for fid in ids:
+        row = conn.execute(
+            "SELECT density, mean_act, max_act, top_tokens FROM features WHERE feature_id = ?",
+            (fid,),
+        ).fetchone()
+        if row is None:
+            continue
+        label = conn.execute(
+            "SELECT text FROM labels WHERE feature_id = ? ORDER BY id DESC LIMIT 1", (fid,)
+        ).fetchone()
+        out.append(
+            FeatureSummary(
+                feature_id=int(fid),
+                density=float(row[0]),
+                mean_act=float(row[1]),
+                max_act=float(row[2]),
+                top_tokens=json.loads(row[3]),
+                label=None if label is None else label[0],
+            )
+        )
+    return out

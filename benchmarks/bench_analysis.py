@@ -1,4 +1,4 @@
-"""Analysis throughput vs. the bare forward + encode pass, in the same run (issue 6 goal:
+"""Analysis throughput vs. the bare forward + encode pass, in the same run (the goal:
 analysis >= 80% of the bare tokens/s).
 
 Both loops run over the SAME pre-tokenized batches (tokenization excluded from both), the

@@ -1,4 +1,4 @@
-"""Feature service latency and throughput under concurrent load (issue 7).
+"""Feature service latency and throughput under concurrent load.
 
 Starts `sae serve` as its own process on 127.0.0.1, then this process (a separate one) fires a
 bounded number of requests with a fixed concurrency over loopback and prints p50 / p99

@@ -1,4 +1,4 @@
-"""Ground-truth recovery on synthetic superposition data (issue 5, benchmark 2).
+"""Ground-truth recovery on synthetic superposition data.
 
 Known sparse unit features in fewer dimensions, with firing probabilities spread over a
 decade (training/synthetic.py). Trains relu + L1 with resampling (and, as a control, without)

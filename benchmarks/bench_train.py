@@ -1,5 +1,5 @@
-"""Training throughput, and the same as a fraction of this machine's matmul peak (issue 5,
-benchmark 1), both measured in one run on the same shapes.
+"""Training throughput, and the same as a fraction of this machine's matmul peak, both
+measured in one run on the same shapes.
 
 A dictionary training step is six matmuls of B x D x F (encoder and decoder forward, and two
 gradients of each backward: the encoder's input gradient is needed because b_dec is

@@ -1,12 +1,12 @@
 """`sae train-lm` step time: eager float32 against bf16 autocast and torch.compile, measured
-side by side in one run on the bundled model's shape (issue 3).
+side by side in one run on the bundled model's shape.
 
 The bundled model must retrain in about 30 minutes on 2 cores. Its step is dominated by the
 unembedding (d_model x vocab, 4096 wide) and the softmax over it; bf16 matmuls (AVX512-BF16
 or AMX on CPU, tensor cores on GPU) and the fusion of the loss by torch.compile are what make
 room for more tokens in that budget, where the hardware has native bf16; where it has not
 (an AVX2-only CPU), bf16 is emulated and float32 is faster, which is why the default autocast
-is `auto` (lm_config.resolve_autocast). Each variant runs the real `train_lm.train_step` on
+is `auto` (lm.config.resolve_autocast). Each variant runs the real `lm.train.train_step` on
 random windows of the real train stream; the figure is the median step time after warm-up
 (compilation happens in the warm-up steps). A second table times the optimizer step alone
 on the block's matrices: AdamW, torch.optim.Muon and this project's Muon.
@@ -142,7 +142,7 @@ def main() -> None:
 # (2 cores, AVX512-BF16) context 512 cost 1.37x the step of context 256 (287.9 vs 210.1 ms),
 # the CPU flash-attention backward taking about 40% of it; 8 heads against 4 at context 256
 # were within noise (203.8 vs 210.1 ms). A 1-layer model gains little past 128 tokens of
-# context, so the shipped model keeps 256 and spends the time on more steps (issue 3).
+# context, so the shipped model keeps 256 and spends the time on more steps.
 SHAPES = ((256, 32, 4), (256, 32, 8), (512, 16, 8))
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from lm.config import TrainLMConfig
-from sae.errors import UserError
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -34,10 +33,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from sae.dataclass_cli import dataclass_from_args
 
-    try:
-        cfg = dataclass_from_args(TrainLMConfig, args, args.config)
-    except (ValueError, TypeError) as e:
-        raise UserError(str(e)) from None
+    cfg = dataclass_from_args(TrainLMConfig, args, args.config)
     command = shlex.join(["sae", *sys.argv[1:]]) if sys.argv[1:] else "sae train-lm"
     from lm.train import run_training
 

@@ -1,5 +1,9 @@
 """The configuration of `sae train-lm` (lm/train.py): every setting of one run,
 and the hash that names the run's work directory so that only the same run resumes there.
+
+The `sae train-lm` flags and their help are generated from `TrainLMConfig`
+(sae/dataclass_cli.py); the measured results behind its defaults are in the README's
+"The bundled model" section and the model card.
 """
 
 from __future__ import annotations
@@ -9,10 +13,17 @@ import json
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal, get_args
 
 from activations.model import BUNDLED_DIR
+from lm.optim import OPTIMIZERS
 
-AUTOCAST_DTYPES = ("auto", "bfloat16", "float16", "float32")
+AutocastDtype = Literal["auto", "bfloat16", "float16", "float32"]
+if TYPE_CHECKING:
+    OptimizerName = str
+else:
+    # Choices come from the optimizer registry, never a hand-copied list (DESIGN.md).
+    OptimizerName = Literal[tuple(OPTIMIZERS)]
 
 
 @dataclass(frozen=True)
@@ -22,8 +33,8 @@ class TrainLMConfig:
     work_dir: Path | None = None
     """Checkpoints and tokenized corpus (default: ~/.cache/sae/train-lm/<config hash>)."""
     vocab_size: int = 4096
-    """BPE vocabulary size including the <|endoftext|> token (issue 3 asks for 4-8k; 4096
-    keeps the unembedding, the dominant cost of a one-layer model, cheap on CPU)."""
+    """BPE vocabulary size including the <|endoftext|> token (4096 keeps the unembedding, the
+    dominant cost of a one-layer model, cheap on CPU)."""
     d_model: int = 128
     """Residual stream width."""
     d_mlp: int = 512
@@ -35,26 +46,20 @@ class TrainLMConfig:
     tie_embeddings: bool = False
     """Share the unembedding with the token embedding (GPT-2's default). Off: in a one-layer
     model the direct path W_U W_E carries the bigram statistics ("A Mathematical Framework for
-    Transformer Circuits", 2021), which tying forces to be symmetric; untied, the same 800-step
-    run reached validation CE 3.870 instead of 3.920 (issue 3)."""
+    Transformer Circuits", 2021), which tying forces to be symmetric."""
     n_ctx: int = 256
     """Context length in tokens, BOS included."""
     batch_size: int = 32
     """Contexts per optimizer step."""
     steps: int = 9000
     """Optimizer steps; tokens seen = steps * batch_size * n_ctx. 9,000 steps (74M tokens,
-    about 9 epochs of the train split) fill the ~30-minute budget on 2 cores with native
-    bf16. Validation CE on sliding windows: 3.165 after 9,000 steps, where 6,000 steps with 8
-    heads at context 512 (batch 16: the same tokens a step, 1.4x the step time) reached
-    3.199 (issue 3)."""
-    optimizer: str = "muon"
+    about 9 epochs of the train split) fit a ~30-minute budget on 2 cores with native bf16."""
+    optimizer: OptimizerName = "muon"
     """muon: Muon on the block's matrices and AdamW on the embeddings, unembedding and vectors,
-    sharing one learning rate (lm/optim.py); or adamw on everything. After 6,000
-    steps Muon at lr 6e-3 reached validation CE 3.274 against AdamW's 3.300 at 3e-3
-    (disjoint windows of 256, issue 3)."""
+    sharing one learning rate (lm/optim.py); or adamw on everything."""
     lr: float = 6e-3
     """Peak learning rate (Muon's steps are scaled to match AdamW's RMS, so one serves both;
-    AdamW alone was tuned at 3e-3)."""
+    with adamw alone, 3e-3 suits this model better)."""
     warmup_steps: int = 100
     """Linear warm-up steps before the cosine decay."""
     min_lr_ratio: float = 0.1
@@ -71,21 +76,20 @@ class TrainLMConfig:
     """torch device to train on."""
     dropout: float = 0.0
     """Dropout on the embeddings and on what attention and MLP write to the residual stream
-    (GPT-2 uses 0.1). Off by default: 0.1 for 5,000 steps (the same 30 minutes as 6,000
-    without) reached a worse validation CE, 3.365 against 3.30 (issue 3). The gap between
-    train windows and validation (2.53 against 3.30 after 6,000 steps) is mostly not
-    memorisation: it is already 0.30 after 300 steps and 0.42 after 600, before the model has
-    seen most train windows once; the validation files are harder than the average train
-    window. Attention probabilities are not dropped: that keeps SDPA off its fused kernel."""
-    autocast: str = "auto"
+    (GPT-2 uses 0.1). Off by default: within the fixed time budget it costs more validation
+    loss than it saves, and the train/validation gap comes mostly from harder validation
+    files, not memorisation (figures in the README). Attention probabilities are never
+    dropped: dropping them would keep SDPA off its fused kernel."""
+    autocast: AutocastDtype = "auto"
     """Autocast dtype of the training forward pass: auto, bfloat16, float16 (CUDA) or float32
     (off). Weights and optimizer state stay float32. `auto` takes bfloat16 where the hardware
     computes in it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX) and float32
     elsewhere: on an AVX2-only CPU, bf16 is emulated and slower than float32
-    (benchmarks/bench_train_lm.py). The model card records what `auto` became."""
+    (benchmarks/bench_train_lm.py). The model card records the dtype `auto` resolved to."""
     compile: bool = True
-    """torch.compile the model for training (needs a C++ compiler on CPU, Triton on CUDA).
-    With bf16 it halved the step time on the reference machine (benchmarks/bench_train_lm.py)."""
+    """torch.compile the model for training (needs a C++ compiler on CPU, Triton on CUDA); it
+    fuses the loss over the vocabulary-wide unembedding (benchmarks/bench_train_lm.py measures
+    the step time with and without)."""
     checkpoint_every: int = 100
     """Write a resumable checkpoint every this many steps."""
     max_docs: int | None = None
@@ -98,8 +102,7 @@ class TrainLMConfig:
     least n_ctx - 1 - eval_stride tokens of context, as in Hugging Face's "Perplexity of
     fixed-length models". None: half the window, (n_ctx - 1) // 2, at twice the cost of
     non-overlapping windows. n_ctx - 1 gives non-overlapping windows, whose first targets
-    are predicted from almost nothing (the model shipped before: 6.6 nats at position 0,
-    3.2 past position 64); the model card reports that figure too."""
+    are predicted from almost nothing; the model card reports that figure too."""
     sample_tokens: int = 32
     """Greedy tokens generated after each prompt for the model card."""
 
@@ -118,10 +121,8 @@ class TrainLMConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("min_lr_ratio must be in [0, 1]")
-        if self.autocast not in AUTOCAST_DTYPES:
-            raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_DTYPES)}")
-        from lm.optim import OPTIMIZERS
-
+        if self.autocast not in get_args(AutocastDtype):
+            raise ValueError(f"autocast must be one of {', '.join(get_args(AutocastDtype))}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
         if self.max_docs is not None and self.max_docs <= 0:

@@ -88,7 +88,7 @@ def model_card(metrics: dict[str, Any]) -> str:
     )
     return f"""# {metrics["name"]}: a one-layer GPT-2 trained on the Python standard library
 
-The default model of this project (issue 3): the shape studied in Anthropic's "Towards
+The default model of this project: the shape studied in Anthropic's "Towards
 Monosemanticity" (one layer, residual width {c["d_model"]}, {c["d_mlp"]} MLP neurons) in
 miniature, trained from scratch by `sae train-lm` on the `.py` files of the Python
 {metrics["corpus"]["python"]} standard library (see `activations/corpus.py` for what is in and

@@ -8,13 +8,12 @@ as Muon's authors prescribe. Muon replaces a matrix's momentum by its nearest
 semi-orthogonal matrix (a quintic Newton-Schulz iteration), so that every direction of the
 update moves at the same rate. Its step is rescaled to the RMS of an AdamW step
 (0.2 * sqrt(max(fan_in, fan_out)), Liu et al. 2025, "Muon is Scalable for LLM Training"), so
-both halves share one learning rate, schedule and weight decay. On the bundled model at lr
-6e-3 it lowered validation CE from 3.98 to 3.71 on a 600-step proxy, but only from 3.300 to
-3.274 after the full 6,000 steps (issue 3).
+both halves share one learning rate, schedule and weight decay. What it gains on the
+bundled model is in the README ("The bundled model").
 
-`torch.optim.Muon` exists, but runs Newton-Schulz in bf16 whatever the device: emulated on a
-CPU without AVX512-BF16 its step took 197 ms against 6.9 ms here (benchmarks/
-bench_train_lm.py); here the iteration runs in float32 unless the device has native bf16.
+`torch.optim.Muon` exists, but runs Newton-Schulz in bf16 whatever the device, which a CPU
+without AVX512-BF16 emulates at many times the cost (benchmarks/bench_train_lm.py times
+both); here the iteration runs in float32 unless the device has native bf16.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`sae train-lm`: train the bundled language model from scratch on CPU (issue 3).
+"""`sae train-lm`: train the bundled language model from scratch on CPU.
 
 The setting of Anthropic's "Towards Monosemanticity" (2023) in miniature: a one-layer
 transformer with a 512-neuron MLP and residual width 128, here trained on the Python standard

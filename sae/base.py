@@ -84,8 +84,14 @@ class Dictionary(nn.Module):
     """Sparse autoencoder: x -> f (sparse, d_sae) -> x_hat (d_in)."""
 
     architecture: ClassVar[str] = ""
+    needs_k: ClassVar[bool] = False
+    """The architecture keeps a fixed number `cfg.k` of features per row (topk, batchtopk)."""
 
     def __init__(self, cfg: DictionaryConfig) -> None:
+        if self.needs_k and (cfg.k is None or not 1 <= cfg.k <= cfg.d_sae):
+            raise ValueError(
+                f"{self.architecture} needs 1 <= k <= d_sae={cfg.d_sae}, got k={cfg.k}"
+            )
         super().__init__()
         self.cfg = cfg
         d_in, d_sae = cfg.d_in, cfg.d_sae
@@ -126,8 +132,8 @@ class Dictionary(nn.Module):
         pre = x @ self.W_enc + self.b_enc
         if self.cfg.apply_b_dec_to_input:
             # (x - b_dec) W_enc written as x W_enc - b_dec W_enc: the same value, but b_dec's
-            # gradient no longer needs the [B, D] input gradient, one of the six big matmuls
-            # of a training step (a sixth of a relu step, a third of a topk step).
+            # gradient does not need the [B, D] input gradient, which would be a sixth big
+            # matmul in a training step (a sixth of a relu step, a third of a topk step).
             pre = pre - self.b_dec @ self.W_enc
         return pre
 
@@ -172,12 +178,11 @@ class Dictionary(nn.Module):
         """Unit vector the feature writes into activation space (its decoder row, normalised)."""
         if not 0 <= feature_id < self.d_sae:
             raise IndexError(f"feature_id {feature_id} out of range [0, {self.d_sae})")
-        row = self.W_dec[feature_id]
-        return row / row.norm().clamp_min(1e-12)
+        return F.normalize(self.W_dec[feature_id], dim=0)
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:
-        """Make a dictionary trained on `scale * x` act on raw x (issue 2: users never rescale).
+        """Make a dictionary trained on `scale * x` act on raw x, so users never rescale inputs.
 
         pre = W_enc^T (s x - b_dec) + b_enc = (s W_enc)^T (x - b_dec / s) + b_enc, and the
         reconstruction of x is (f W_dec + b_dec) / s. Codes f are unchanged.
@@ -202,13 +207,17 @@ class Dictionary(nn.Module):
         return load_dictionary(path_or_repo, device=device, **kwargs)
 
 
-def build(cfg: DictionaryConfig) -> Dictionary:
-    """Instantiate the registered architecture named in cfg (weights zero-filled)."""
+def architecture_class(name: str) -> type[Dictionary]:
+    """The class registered as `name` (built-in architectures included); ValueError if none."""
     from sae import architectures  # noqa: F401  (registers the built-in architectures)
 
     try:
-        arch = ARCHITECTURES[cfg.architecture]
+        return ARCHITECTURES[name]
     except KeyError:
         known = ", ".join(sorted(ARCHITECTURES))
-        raise ValueError(f"unknown architecture {cfg.architecture!r}; known: {known}") from None
-    return arch(cfg)
+        raise ValueError(f"unknown architecture {name!r}; known: {known}") from None
+
+
+def build(cfg: DictionaryConfig) -> Dictionary:
+    """Instantiate the registered architecture named in cfg (weights zero-filled)."""
+    return architecture_class(cfg.architecture)(cfg)

@@ -2,7 +2,23 @@
 
 One source of truth for every option: the dataclass field (type, default) and the docstring
 written under it (the sparsify / simple-parsing convention) become the flag and its help text.
-Every subcommand of the `sae` CLI is derived this way.
+Every subcommand of the `sae` CLI is derived this way: nested dataclasses give
+`--text.context-size` flags, booleans take a value (`--compile false`), `--config FILE`
+is layered under the flags, and the arguments join a plain argparse subparser, so the lazy
+dispatcher of sae/cli.py and hand-written arguments (`--cache`, `--sweep`, positionals) sit
+beside them.
+
+Why not a library: each was tried on `TrainConfig` and none keeps the flags users type.
+- tyro 1.0: booleans become `--compile/--no-compile`; with `FlagConversionOff` it takes only
+  `True`/`False`, so `--compile true` exits 2; it reads no config file (a `default=`
+  instance only), and its argparse parser is reachable only through the deprecated
+  `tyro.extras.get_parser`, not as a subparser of ours.
+- simple-parsing 0.1.9 (nested, dash variant): closest on names and `--compile true`, but
+  `--help` raises ValueError on a `%` in a field docstring ("the last 20%"), the one-letter
+  field k is listed as `-objective.k`, the config flag is `--config_path`, and it needs its
+  own ArgumentParser class at the root of the `sae` command.
+- jsonargparse 4.53: `--config` layering and `--compile true` work, but flags are
+  snake_case (`--total_tokens`, `--dictionary.d_sae`); `--dictionary.d-sae` is rejected.
 """
 
 from __future__ import annotations
@@ -18,6 +34,8 @@ import typing
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from sae.errors import UserError
 
 T = TypeVar("T")
 
@@ -68,8 +86,9 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def _converter(tp: Any) -> tuple[Any, dict[str, Any]]:
-    """(type callable, extra argparse kwargs) for a field type."""
+def field_parser(tp: Any) -> tuple[Any, dict[str, Any]]:
+    """(text -> value callable, extra argparse kwargs) for a field type; for a list or tuple
+    field the callable parses one item and the kwargs carry `nargs`."""
     tp, optional = _unwrap_optional(tp)
     origin = get_origin(tp)
     if origin is Literal:
@@ -77,7 +96,7 @@ def _converter(tp: Any) -> tuple[Any, dict[str, Any]]:
         return type(choices[0]), {"choices": choices}
     if origin in (list, tuple):
         (inner, *_) = get_args(tp) or (str,)
-        conv, _extra = _converter(inner)
+        conv, _extra = field_parser(inner)
         return conv, {"nargs": "*" if optional else "+"}
     if tp is bool:
         return parse_bool, {"metavar": "BOOL"}
@@ -105,7 +124,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
         if dataclasses.is_dataclass(inner) and isinstance(inner, type):
             add_dataclass_args(parser, inner, prefix=f"{prefix}{f.name}.")
             continue
-        conv, extra = _converter(tp)
+        conv, extra = field_parser(tp)
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
@@ -189,11 +208,15 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 def dataclass_from_args(
     cls: type[T], ns: argparse.Namespace, config_file: str | Path | None = None
 ) -> T:
-    """Config file (if any) first, then the options given on the command line."""
+    """Config file (if any) first, then the options given on the command line. A bad file or
+    value is a UserError, which the `sae` command prints as one line."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     given = {k: v for k, v in vars(ns).items() if k.split(".")[0] in names}
-    data = load_config_file(config_file) if config_file else {}
-    return from_dict(cls, _merge(data, _nest(given)))
+    try:
+        data = load_config_file(config_file) if config_file else {}
+        return from_dict(cls, _merge(data, _nest(given)))
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""`sae demo`: the main job end to end on the bundled model and corpus (issue 8).
+"""`sae demo`: the main job end to end on the bundled model and corpus.
 
     cache (MLP activations) -> train relu+resampling and topk in one sweep -> analyze both
     -> compare them (feature splitting) -> report -> serve the web feature browser
@@ -240,10 +240,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = dataclass_from_args(DemoConfig, args, args.config)
-    except (ValueError, TypeError) as e:
-        raise UserError(str(e)) from None
+    cfg = dataclass_from_args(DemoConfig, args, args.config)
     start = time.perf_counter()
     report = run_pipeline(cfg)
     print(format_report(report))

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from sae.atomic import atomic_dir
-from sae.base import ARCHITECTURES, Dictionary, DictionaryConfig, build
+from sae.base import Dictionary, DictionaryConfig, architecture_class, build
 from sae.devices import DTYPES
 from sae.errors import DictionaryFormatError, UserError
 
@@ -202,15 +202,11 @@ def config_from_json(cfg_path: Path, raw: Mapping[str, Any]) -> DictionaryConfig
 
 def build_checked(cfg_path: Path, cfg: DictionaryConfig) -> Dictionary:
     """`build` with its failures reported against cfg.json."""
-    from sae import architectures  # noqa: F401  (registers the built-in architectures)
-
-    arch = ARCHITECTURES.get(cfg.architecture)
-    if arch is None:
-        known = ", ".join(sorted(ARCHITECTURES))
-        raise DictionaryFormatError(
-            cfg_path, "architecture", f"unknown architecture {cfg.architecture!r}; known: {known}"
-        )
-    if getattr(arch, "needs_k", False) and cfg.k is None:
+    try:
+        arch = architecture_class(cfg.architecture)
+    except ValueError as e:
+        raise DictionaryFormatError(cfg_path, "architecture", str(e)) from None
+    if arch.needs_k and cfg.k is None:
         raise DictionaryFormatError(cfg_path, "k", f"required for architecture {cfg.architecture}")
     try:
         return build(cfg)

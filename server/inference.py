@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -68,6 +69,5 @@ def token_scores(model: Any, dictionary: Dictionary, token_id: int) -> Float[Ten
     if M is None:
         return None
     v = M @ W_U[:, token_id]  # [d_in]
-    W_dec = dictionary.W_dec.float()
-    unit = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    unit = F.normalize(dictionary.W_dec.float(), dim=-1)
     return (unit @ v.to(unit.device)).cpu()

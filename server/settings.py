@@ -1,6 +1,16 @@
 """Service settings: one typed dataclass, filled from flags (`sae serve`) or `SAE_SERVE_*`
 environment variables, validated once at start-up so a bad value stops the server before it
-listens instead of surfacing as a 500 on the first request."""
+listens instead of surfacing as a 500 on the first request.
+
+A variable is parsed by the same `field_parser` as its flag (sae/dataclass_cli.py), so both
+accept the same text. Why not pydantic-settings, FastAPI's usual choice: tried here
+(pydantic-settings 2.16), it made this module no smaller and looser. Its environment source
+reads only `os.environ`, so `settings_from_env(environ)` needs a subclass overriding a
+private loader; the messages users see ("max_queue must be a positive integer") still need
+our own validator; it accepts SAE_SERVE_PUBLIC_READS=t, SAE_SERVE_MAX_BATCH=8.0 and
+`max_queue=True` (as 1), which are errors here; and the `sae serve` flags would need the
+dataclass CLI to learn pydantic fields.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +21,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sae.dataclass_cli import parse_bool
+from sae.dataclass_cli import field_parser
 from sae.errors import UserError
 
 ENV_PREFIX = "SAE_SERVE_"
@@ -116,16 +126,13 @@ def settings_from_env(
         raw = environ.get(ENV_PREFIX + f.name.upper())
         if raw is None:
             continue
-        tp = hints[f.name]
+        # The flag's parser, so a variable and its flag accept the same text; a list is
+        # comma-separated.
+        parse, extra = field_parser(hints[f.name])
         try:
-            if tp is bool:
-                values[f.name] = parse_bool(raw)
-            elif tp is int:
-                values[f.name] = int(raw)
-            elif typing.get_origin(tp) is list:
-                values[f.name] = [s for s in raw.split(",") if s]
-            else:
-                values[f.name] = raw
+            values[f.name] = (
+                [parse(s) for s in raw.split(",") if s] if "nargs" in extra else parse(raw)
+            )
         except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
             raise UserError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: {e}") from None
     values.update({k: v for k, v in given.items() if v is not None})

@@ -20,6 +20,7 @@ import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
@@ -96,7 +97,7 @@ def resample_dead_features(
         weights, n_dead, replacement=n_dead > int((weights > 0).sum()), generator=generator
     ).to(inputs.device)
     chosen = inputs[picks].to(d.dtype)
-    directions = chosen / chosen.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    directions = F.normalize(chosen, dim=-1)
 
     alive = ~dead
     if alive.any():

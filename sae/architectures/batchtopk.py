@@ -25,8 +25,6 @@ class BatchTopKDictionary(Dictionary):
     """Scalar inference threshold; negative until the first `update_threshold`."""
 
     def __init__(self, cfg: DictionaryConfig) -> None:
-        if cfg.k is None or not 1 <= cfg.k <= cfg.d_sae:
-            raise ValueError(f"batchtopk needs 1 <= k <= d_sae={cfg.d_sae}, got k={cfg.k}")
         super().__init__(cfg)
         # A buffer, not a Parameter: the optimizer must not touch it, but it is saved.
         self.register_buffer("threshold", torch.tensor(-1.0))

@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from sae.base import Dictionary, DictionaryConfig, EncoderOutput, ForwardOutput, register
+from sae.base import Dictionary, EncoderOutput, ForwardOutput, register
 
 
 @register("topk")
@@ -21,11 +21,6 @@ class TopKDictionary(Dictionary):
     needs_k: ClassVar[bool] = True
     sparse_decode: bool = True
     """forward decodes through decode_sparse (O(B K D)); set False for the dense reference."""
-
-    def __init__(self, cfg: DictionaryConfig) -> None:
-        if cfg.k is None or not 1 <= cfg.k <= cfg.d_sae:
-            raise ValueError(f"topk needs 1 <= k <= d_sae={cfg.d_sae}, got k={cfg.k}")
-        super().__init__(cfg)
 
     @property
     def k(self) -> int:

@@ -36,7 +36,7 @@ def metrics() -> dict:
 
 def test_recorded_loss_is_far_below_the_unigram_entropy(metrics: dict) -> None:
     ce, unigram = metrics["val_ce_nats_per_token"], metrics["unigram_entropy_nats_per_token"]
-    assert 0 < ce < 0.5 * unigram  # issue 3's target: less than half
+    assert 0 < ce < 0.5 * unigram  # the bundled model's target: less than half
     disjoint = metrics["val_ce_disjoint_windows_nats_per_token"]
     assert ce < disjoint < 0.55 * unigram  # restarting the context every window costs
     card = (BUNDLED_DIR / "README.md").read_text()
@@ -79,7 +79,7 @@ def test_greedy_generation_looks_like_python(metrics: dict) -> None:
     samples = metrics["samples"]
     assert re.match(r"def [A-Za-z_]\w*\(", samples["def "]), samples["def "]
     assert re.match(r"import [A-Za-z_][\w.]*", samples["import "]), samples["import "]
-    # "class " is not asked for by issue 3; this model continues it as `class = ...`.
+    # "class " is not one of the required prompts; this model continues it as `class = ...`.
     assert re.match(r"    for [A-Za-z_]\w* in ", samples["    for "]), samples["    for "]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from sae import Dictionary, DictionaryConfig, build
+from sae.base import architecture_class
 
 ARCHS = ["relu", "topk", "jumprelu", "batchtopk"]
 
@@ -14,7 +15,7 @@ def random_dictionary(
 ) -> Dictionary:
     """A dictionary of `arch` with every parameter random (thresholds small and positive)."""
     gen = torch.Generator().manual_seed(seed)
-    needs_k = arch in ("topk", "batchtopk")
+    needs_k = architecture_class(arch).needs_k
     d = build(DictionaryConfig(arch, d_in, d_sae, k=k if needs_k else None, **cfg))  # type: ignore[arg-type]
     with torch.no_grad():
         for name, p in d.named_parameters():

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from sae.base import Dictionary, DictionaryConfig, ForwardOutput
+from sae.base import Dictionary, DictionaryConfig, ForwardOutput, architecture_class
 from sae.registry import register_class
 
 if TYPE_CHECKING:
@@ -61,9 +62,19 @@ def fvu(x: Float[Tensor, "B D"], x_hat: Float[Tensor, "B D"]) -> Tensor:
     return (x_hat - x).pow(2).sum() / total.clamp_min(1e-12)
 
 
+def penalized_sse(
+    x: Float[Tensor, "B D"], out: ForwardOutput, penalty: Tensor, coefficient: float, name: str
+) -> LossOutput:
+    """sse + coefficient * penalty (Anthropic's form), logging both parts as "recon" and `name`."""
+    recon = sse(x, out.x_hat)
+    parts = {"recon": recon.detach(), name: penalty.detach()}
+    return LossOutput(recon + coefficient * penalty, out, parts)
+
+
 @torch.no_grad()
 def normalize_decoder_rows_(d: Dictionary) -> None:
-    d.W_dec.div_(d.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    """Scale every decoder row to unit norm, in place."""
+    d.W_dec.copy_(F.normalize(d.W_dec, dim=-1))
 
 
 @torch.no_grad()
@@ -72,7 +83,7 @@ def remove_parallel_grad_(d: Dictionary) -> None:
     order; Towards Monosemanticity, Gao et al. 2024)."""
     if d.W_dec.grad is None:
         return
-    rows = d.W_dec / d.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    rows = F.normalize(d.W_dec, dim=-1)
     parallel = (d.W_dec.grad * rows).sum(-1, keepdim=True)
     d.W_dec.grad.sub_(parallel * rows)
 
@@ -100,7 +111,7 @@ class Objective:
             architecture=self.architecture,
             d_in=d_in,
             d_sae=d_sae,
-            k=self.cfg.k if self.architecture in ("topk", "batchtopk") else None,
+            k=self.cfg.k if architecture_class(self.architecture).needs_k else None,
             apply_b_dec_to_input=self.apply_b_dec_to_input,
         )
 
@@ -108,7 +119,7 @@ class Objective:
     def init_weights(self, d: Dictionary, gen: torch.Generator) -> None:
         """Random decoder rows of norm `decoder_row_norm`, W_enc = W_dec^T, b_enc = 0."""
         w = torch.randn(d.d_sae, d.d_in, generator=gen, device=gen.device)
-        w = w / w.norm(dim=-1, keepdim=True) * self.decoder_row_norm()
+        w = F.normalize(w, dim=-1) * self.decoder_row_norm()
         d.W_dec.copy_(w)
         d.W_enc.copy_(w.T * self.encoder_init_scale())
         d.b_enc.zero_()

@@ -18,7 +18,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sae.base import Dictionary, ForwardOutput
-from training.objectives.base import LossOutput, Objective, StepContext, register_objective, sse
+from training.objectives.base import (
+    LossOutput,
+    Objective,
+    StepContext,
+    penalized_sse,
+    register_objective,
+)
 
 
 def _rectangle(u: Tensor) -> Tensor:
@@ -73,12 +79,9 @@ class JumpReLU(Objective):
         eps = self.cfg.jumprelu_bandwidth
         pre = d.pre_activations(x)
         f = JumpReLUFn.apply(pre, theta, eps)
-        x_hat = d.decode(f)
-        mse = sse(x, x_hat)
+        out = ForwardOutput(x_hat=d.decode(f), feature_acts=f, pre_acts=pre)
         l0 = StepFn.apply(pre, theta, eps).sum(-1).mean()
-        loss = mse + ctx.sparsity_coefficient * l0
-        out = ForwardOutput(x_hat=x_hat, feature_acts=f, pre_acts=pre)
-        return LossOutput(loss, out, {"recon": mse.detach(), "l0_penalty": l0.detach()})
+        return penalized_sse(x, out, l0, ctx.sparsity_coefficient, "l0_penalty")
 
     @torch.no_grad()
     def after_optimizer_step(self, d: Dictionary, out: ForwardOutput) -> None:

@@ -11,7 +11,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sae.base import Dictionary
-from training.objectives.base import LossOutput, Objective, StepContext, register_objective, sse
+from training.objectives.base import (
+    LossOutput,
+    Objective,
+    StepContext,
+    penalized_sse,
+    register_objective,
+)
 
 
 @register_objective("relu_l1")
@@ -29,7 +35,5 @@ class ReluL1(Objective):
 
     def loss(self, d: Dictionary, x: Float[Tensor, "B D"], ctx: StepContext) -> LossOutput:
         out = d(x)
-        mse = sse(x, out.x_hat)
         l1 = out.feature_acts.sum(-1).mean()  # ReLU codes are >= 0: |f| = f, no abs pass
-        loss = mse + ctx.sparsity_coefficient * l1
-        return LossOutput(loss, out, {"recon": mse.detach(), "l1": l1.detach()})
+        return penalized_sse(x, out, l1, ctx.sparsity_coefficient, "l1")

@@ -13,7 +13,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sae.base import Dictionary
-from training.objectives.base import LossOutput, Objective, StepContext, register_objective, sse
+from training.objectives.base import (
+    LossOutput,
+    Objective,
+    StepContext,
+    penalized_sse,
+    register_objective,
+)
 
 
 @torch.no_grad()
@@ -36,10 +42,8 @@ class ReluL12024(Objective):
 
     def loss(self, d: Dictionary, x: Float[Tensor, "B D"], ctx: StepContext) -> LossOutput:
         out = d(x)
-        mse = sse(x, out.x_hat)
         l1 = (out.feature_acts * d.W_dec.norm(dim=-1)).sum(-1).mean()
-        loss = mse + ctx.sparsity_coefficient * l1
-        return LossOutput(loss, out, {"recon": mse.detach(), "l1": l1.detach()})
+        return penalized_sse(x, out, l1, ctx.sparsity_coefficient, "l1")
 
     def finalize(self, d: Dictionary) -> Dictionary:
         fold_decoder_norms_(d)
