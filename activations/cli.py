@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-from sae.errors import UserError
-
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from activations.cache import CacheConfig
@@ -32,10 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from activations.cache import CacheConfig, cache_activations
     from sae.dataclass_cli import dataclass_from_args
 
-    try:
-        cfg = dataclass_from_args(CacheConfig, args, args.config)
-    except (ValueError, TypeError) as e:
-        raise UserError(str(e)) from None
+    cfg = dataclass_from_args(CacheConfig, args, args.config)
     result = cache_activations(cfg)
     rate = result.new_tokens / result.seconds if result.seconds > 0 else 0.0
     print(

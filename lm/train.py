@@ -49,6 +49,7 @@ from lm.evaluation import (
     validation_loss,
 )
 from lm.optim import make_optimizer
+from sae.devices import DTYPES
 from sae.errors import UserError
 
 if TYPE_CHECKING:
@@ -149,7 +150,7 @@ def train_step(
     # Dropout masks are a function of (seed, step), like the batch, so a resumed run is exact.
     torch.manual_seed(cfg.seed * 1_000_003 + step)
     device_type = torch.device(cfg.device).type
-    dtype = getattr(torch, cfg.autocast)
+    dtype = DTYPES[cfg.autocast]
     with torch.autocast(device_type, dtype, enabled=cfg.autocast != "float32"):
         loss = forward(input_ids=x_BS, labels=x_BS).loss
     loss.backward()

@@ -1,6 +1,6 @@
-"""Running the language model for new text: tokenize, read a hook, and the direct logit effect
-of a decoder direction. Hooks are read through `activations.hooks.hook_activations`, the one
-place that hooks a model.
+"""Running the language model for new text: tokenize, and the direct logit effect of a
+decoder direction (hooks are read through `activations.hooks`, the one place that hooks a
+model).
 
 Plain functions of (model, dictionary, text) with no HTTP in them, so everything the service
 returns can be reproduced from Python (the parity test in tests/server does exactly that).
@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from activations.hooks import hook_activations as hook_activations  # server/worker.py reads it here
 from activations.text import special_ids
 from analysis.logit_effects import LogitEffects, logit_effects, residual_directions
 from sae.base import Dictionary

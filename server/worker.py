@@ -28,7 +28,7 @@ from jaxtyping import Float, Int
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
-from server.inference import hook_activations
+from activations.hooks import hook_activations
 
 T = TypeVar("T")
 

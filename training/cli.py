@@ -57,10 +57,7 @@ def _load_config(args: argparse.Namespace) -> Any:
     from sae.dataclass_cli import dataclass_from_args
     from training.config import TrainConfig
 
-    try:
-        return dataclass_from_args(TrainConfig, args, args.config)
-    except (ValueError, TypeError) as e:
-        raise UserError(str(e)) from None
+    return dataclass_from_args(TrainConfig, args, args.config)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ import torch
 from sae import io
 from sae.atomic import atomic_dir
 from sae.base import Dictionary
+from sae.devices import DTYPES
 from sae.errors import DictionaryFormatError, UserError
 
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -58,9 +59,9 @@ def load(root: Path) -> Dictionary:
     arch, k = _architecture(cfg_path, raw)
     scale = _input_scale(root, raw)
     dtype = str(raw.get("dtype") or "float32").removeprefix("torch.")
-    if dtype not in io.DTYPES:
+    if dtype not in DTYPES:
         raise DictionaryFormatError(
-            cfg_path, "dtype", f"unsupported dtype {dtype!r}; supported: {', '.join(io.DTYPES)}"
+            cfg_path, "dtype", f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}"
         )
     provenance = {
         "source_format": "saelens",
@@ -98,7 +99,7 @@ def load(root: Path) -> Dictionary:
         feature_scale = tensors.pop("finetuning_scaling_factor", None)
     if feature_scale is not None:
         io.expect_shape(weights_path, "scaling_factor", feature_scale, (cfg.d_sae,), "[d_sae]")
-    target = io.DTYPES[dtype]
+    target = DTYPES[dtype]
     io.assign_weights(weights_path, d, {n: t.to(target) for n, t in tensors.items()}, target)
     with torch.no_grad():
         if feature_scale is not None and not bool((feature_scale == 1).all()):

@@ -1,4 +1,4 @@
-"""Issue 8: the main job end to end, reduced, on the bundled model and corpus.
+"""`sae demo`: the main job end to end, reduced, on the bundled model and corpus.
 
 `sae demo` runs as a user runs it (a separate process): cache -> train (relu + resampling and
 topk in one sweep) -> analyze both -> compare -> report -> serve; then one HTTP request reads a
