@@ -53,6 +53,7 @@ from sae.atomic import atomic_write_json
 from sae.dataclass_cli import to_dict
 from sae.devices import DTYPES, resolve_device
 from sae.errors import UserError
+from sae.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -224,11 +225,9 @@ def _count_contexts(cfg: CacheConfig, tokenizer: Any) -> int | None:
     saved = Path(cfg.out) / COUNT_FILE
     if saved.is_file():
         return int(json.loads(saved.read_text())["n_contexts"])
-    from tqdm import tqdm
-
     logger.info("counting the dataset's contexts first (pass --max-tokens to skip this)")
     n = 0
-    for _ in tqdm(
+    for _ in progress_bar(
         iter_contexts(cfg.text, tokenizer), desc="counting contexts", unit="ctx", leave=False
     ):
         n += 1
@@ -247,8 +246,6 @@ def cache_activations(
     `model` may be passed to reuse an already loaded TransformerBridge; rank / world_size
     default to the torchrun environment.
     """
-    from tqdm import tqdm
-
     from activations.hooks import ActivationCapture, check_hook_names, hook_widths
 
     start_time = time.perf_counter()
@@ -321,7 +318,7 @@ def cache_activations(
     writer = ShardWriter(DTYPES[cfg.dtype], {"format": FORMAT})
     shards = ShardBuffers(folders, widths, shard_tokens, rank, done_shards, writer)
     new_rows = 0
-    bar = tqdm(total=total, initial=done_rows, unit="tok", unit_scale=True, desc="caching")
+    bar = progress_bar(total=total, initial=done_rows, unit="tok", unit_scale=True, desc="caching")
     contexts = context_batches(
         cfg.text,
         model.tokenizer,

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from activations.contexts import ActivationBatch, cached_activations, model_activations
 from activations.hooks import check_hook_width
@@ -25,6 +24,7 @@ from analysis.logit_effects import logit_effects
 from analysis.store_records import FeatureArrays, StoreMeta
 from sae.base import Dictionary
 from sae.errors import UserError
+from sae.progress import progress_bar
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -64,7 +64,7 @@ def analyze(
     check_hook_width(model, hook_name, dictionary.d_in)
     device = dictionary.device
     acc = FeatureAccumulator(dictionary.d_sae, cfg, device)
-    bar = tqdm(total=cfg.n_tokens, unit="tok", disable=not progress, desc="analyze")
+    bar = progress_bar(total=cfg.n_tokens, unit="tok", disable=not progress, desc="analyze")
     pad = _pad_id(model.tokenizer)
     source: Iterator[ActivationBatch]
     if cache is not None:

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm import tqdm
 
 from activations.contexts import model_activations
 from activations.hooks import check_hook_width
 from sae.base import Dictionary
 from sae.errors import UserError
+from sae.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def compare_dictionaries(
     check_hook_width(model, hook, a.d_in)
     cos = decoder_cosine(a.W_dec, b.W_dec.to(a.device))
     acc = CorrelationAccumulator(a.d_sae, b.d_sae, a.device)
-    bar = tqdm(total=n_tokens, unit="tok", disable=not progress, desc="compare")
+    bar = progress_bar(total=n_tokens, unit="tok", disable=not progress, desc="compare")
     for batch in model_activations(model, hook, text, n_tokens, a.device):
         x = batch.acts.reshape(-1, a.d_in)
         acc.update(a.encode(x.to(a.dtype)), b.encode(x.to(device=b.device, dtype=b.dtype)))

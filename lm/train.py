@@ -173,7 +173,7 @@ def train_model(
     cfg: TrainLMConfig, data: PreparedData, work: Path
 ) -> tuple[GPT2LMHeadModel, dict[str, Any]]:
     """The optimisation loop, resuming from `work/checkpoint.pt` if a previous run left one."""
-    from tqdm import tqdm
+    from sae.progress import progress_bar
 
     if len(data.train) < cfg.n_ctx:
         raise UserError(f"the train split has fewer than n_ctx={cfg.n_ctx} tokens")
@@ -197,7 +197,7 @@ def train_model(
     bos = data.tokenizer.bos_token_id
     tokens_per_step = cfg.batch_size * cfg.n_ctx
     forward = compiled(model, cfg)
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc="train-lm", unit="step")
+    bar = progress_bar(total=cfg.steps, initial=state["step"], desc="train-lm", unit="step")
     model.train()
     tick = time.perf_counter()
     try:

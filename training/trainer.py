@@ -370,9 +370,9 @@ class Trainer:
         return bool(all_reduce_(flag, self.dist, op="max").item() > 0)
 
     def _progress(self) -> Any:
-        from tqdm.auto import tqdm
+        from sae.progress import progress_bar
 
-        return tqdm(
+        return progress_bar(
             total=self.cfg.total_steps,
             initial=self.step,
             unit="step",

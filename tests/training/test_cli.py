@@ -94,3 +94,37 @@ def test_sae_train_errors_are_one_line(cache, tmp_path, capsys):
     assert "cannot be swept" in capsys.readouterr().err
     assert main(["train", "--cache", str(cache), "--out-dir", str(tmp_path / "r"), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_progress_in_a_log_file_is_short_whole_lines(cache, tmp_path):
+    """`sae train > log 2>&1`: progress is plain lines, not carriage-return redraws."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    log = tmp_path / "train.log"
+    argv = [
+        *("--cache", str(cache), "--out-dir", str(tmp_path / "run")),
+        *("--total-tokens", "40000", "--batch-size", "32", "--device", "cpu"),
+        *("--dictionary.expansion-factor", "2", "--dictionary.init-tokens", "64"),
+        *("--logging.log-every-steps", "10", "--logging.plots", "false"),
+        *("--checkpoint-every-steps", "0"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    with open(log, "w") as fh:
+        done = subprocess.run(
+            [sys.executable, "-m", "sae.cli", "train", *argv],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            timeout=600,
+        )
+    text = log.read_bytes().decode()  # not read_text(): it would turn "\r" into "\n"
+    assert done.returncode == 0, text
+    assert "\r" not in text
+    lines = text.split("\n")
+    progress = [ln for ln in lines if ln.startswith("train: ")]
+    assert progress and progress[-1].startswith("train: 100% 1250/1250"), text
+    assert max(len(ln) for ln in lines) < 300
