@@ -3,10 +3,10 @@
 One source of truth for every option: the dataclass field (type, default) and the docstring
 written under it (the sparsify / simple-parsing convention) become the flag and its help text.
 Every subcommand of the `sae` CLI is derived this way: nested dataclasses give
-`--text.context-size` flags, booleans take a value (`--compile false`), `--config FILE`
-is layered under the flags, and the arguments join a plain argparse subparser, so the lazy
-dispatcher of sae/cli.py and hand-written arguments (`--cache`, `--sweep`, positionals) sit
-beside them.
+`--text.context-size` flags, booleans take a value (`--compile false`; a bare `--compile` is
+true), `--config FILE` is layered under the flags, `--help` shows defaults as they are typed,
+and the arguments join a plain argparse subparser, so the lazy dispatcher of sae/cli.py and
+hand-written arguments (`--cache`, `--sweep`, positionals) sit beside them.
 
 Why not a library: each was tried on `TrainConfig` and none keeps the flags users type.
 - tyro 1.0: booleans become `--compile/--no-compile`; with `FlagConversionOff` it takes only
@@ -107,6 +107,18 @@ def field_parser(tp: Any) -> tuple[Any, dict[str, Any]]:
     return str, {}
 
 
+def shown_default(value: Any) -> str:
+    """A default as a user would type it on the command line: `demo_out`, not
+    `PosixPath('demo_out')`; `true`; `0.9 0.999` for a list or tuple."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple | list):
+        return " ".join(shown_default(v) for v in value) if value else "(none)"
+    if isinstance(value, str):
+        return value if value else "''"
+    return str(value)
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
     """Add one `--flag` per field of `cls` (nested dataclasses get `--outer.inner` flags).
 
@@ -125,11 +137,14 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
             add_dataclass_args(parser, inner, prefix=f"{prefix}{f.name}.")
             continue
         conv, extra = field_parser(tp)
+        if conv is parse_bool:
+            extra = {**extra, "nargs": "?", "const": True}  # a bare `--verify` means true
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         help_text = docs.get(f.name, "")
-        help_text = f"{help_text} (default: {default!r})" if help_text else f"default: {default!r}"
+        shown = shown_default(default)
+        help_text = f"{help_text} (default: {shown})" if help_text else f"default: {shown}"
         group.add_argument(
             f"--{prefix}{f.name}".replace("_", "-"),
             dest=f"{prefix}{f.name}",
