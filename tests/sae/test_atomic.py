@@ -1,14 +1,18 @@
-"""Atomic writes: whole or nothing, and ordinary permissions (not mkstemp's 0600)."""
+"""Atomic writes: whole or nothing, ordinary permissions (not mkstemp's 0600), and a full disk
+reported as one line naming the file."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import stat
 from pathlib import Path
 
 import pytest
 
-from sae.atomic import atomic_dir, atomic_write_json, atomic_write_text
+from sae.atomic import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
+from sae.errors import DiskFullError
 
 
 def _mode(p: Path) -> int:
@@ -57,3 +61,56 @@ def test_dir_replaces_existing_whole(tmp_path: Path) -> None:
     with atomic_dir(tmp_path / "out") as d:
         (d / "new").write_text("2")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["new"]
+
+
+def _full_disk(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=free))
+
+
+def test_a_write_that_cannot_fit_is_refused_before_anything_is_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _full_disk(monkeypatch, 1000)
+    with pytest.raises(DiskFullError) as e, atomic_path(tmp_path / "new" / "x.bin", 5000):
+        raise AssertionError("never reached")
+    assert str(e.value) == (
+        f"not enough free disk for {tmp_path / 'new' / 'x.bin'}: it needs 4.9 KiB (5000 bytes), "
+        "1000 B free; nothing was written"
+    )
+    assert list(tmp_path.iterdir()) == []  # not even the folder
+    with pytest.raises(DiskFullError, match="5000 bytes"), atomic_dir(tmp_path / "d", True, 5000):
+        raise AssertionError("never reached")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+        OSError("1000000 requested and 131056 written"),  # numpy's tofile
+    ],
+)
+def test_a_disk_that_fills_mid_write_is_one_error_and_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    final = tmp_path / "checkpoint" / "state.pt"
+    atomic_write_text(final, "the previous checkpoint")
+    _full_disk(monkeypatch, 0)  # what a filled disk reports, whatever the error said
+    with pytest.raises(DiskFullError) as e, atomic_path(final) as tmp:
+        tmp.write_bytes(b"x" * 300)
+        raise error
+    message = str(e.value)
+    assert message.startswith(f"the disk filled while writing {final}: it needs more than")
+    assert "(300 bytes) written, 300 B free" in message
+    assert message.endswith(f"the previous {final} is unchanged")
+    assert final.read_text() == "the previous checkpoint"
+    assert [p.name for p in final.parent.iterdir()] == ["state.pt"]  # no temporary left
+
+
+def test_other_write_errors_pass_through(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="a bug"), atomic_path(tmp_path / "x"):
+        raise RuntimeError("a bug")
+    with pytest.raises(DiskFullError), atomic_path(tmp_path / "x"):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
