@@ -70,7 +70,8 @@ def save_dictionary(d: Dictionary, path: str | Path, *, for_inference: bool = Tr
             raise UserError(f"refusing to save {path}: {name} contains NaN or inf")
     cfg = dataclasses.replace(d.cfg, dtype=dtype_name(dtypes.pop()))
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    size = sum(t.numel() * t.element_size() for t in tensors.values()) + 65536
+    with atomic_dir(path, expected_bytes=size) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         text = json.dumps({"format_version": FORMAT_VERSION, **cfg.to_json()}, indent=2)
         (tmp / CFG_FILE).write_text(text + "\n")

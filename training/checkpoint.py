@@ -7,7 +7,9 @@ one), and batches already read but not yet trained on. It is separate from the s
 dictionaries (sae/io.py), which hold no training state.
 
 Only tensors, numbers, strings and containers are stored, so loading uses
-`torch.load(weights_only=True)`: a checkpoint cannot execute code.
+`torch.load(weights_only=True)`: a checkpoint cannot execute code. It is written under a
+temporary name and renamed (`sae.atomic`), after checking that its tensors' bytes are free: a
+full disk is one line naming the file, and the previous checkpoint stays valid.
 """
 
 from __future__ import annotations
@@ -31,10 +33,26 @@ def checkpoint_path(out_dir: Path) -> Path:
     return Path(out_dir) / CHECKPOINT_FILE
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nested state (what torch.save writes, less a little framing)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_checkpoint(out_dir: Path, state: dict[str, Any]) -> Path:
     path = checkpoint_path(out_dir)
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+    with (
+        atomic_path(path, expected_bytes=tensor_bytes(state) + 65536) as tmp,
+        open(tmp, "wb") as fh,
+    ):
+        # Through a Python file, so a full disk raises OSError(ENOSPC), not torch's opaque
+        # "unexpected pos" RuntimeError.
+        torch.save({"format": FORMAT, **state}, fh)
     logger.info("checkpoint saved at step %d (%s)", state.get("step", -1), path)
     return path
 

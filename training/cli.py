@@ -8,6 +8,8 @@
 
 Every option comes from `TrainConfig` (training/config.py). The run folder gets the resolved
 config.json, metrics.jsonl, checkpoint/, plots/ and the dictionary (one folder per member).
+A folder holding a run is refused unless --resume or --overwrite (training/run_folder.py), and
+one process at a time writes it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from sae.errors import UserError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from sae.dataclass_cli import add_dataclass_args
+    from sae.dataclass_cli import add_dataclass_args, parse_bool
     from training.config import TrainConfig
 
     parser = subparsers.add_parser(
@@ -34,6 +36,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--hook", help="hook to train on, if the cache holds several")
     parser.add_argument(
         "--resume", action="store_true", help="continue the run in --out-dir from its checkpoint"
+    )
+    parser.add_argument(
+        "--overwrite",
+        nargs="?",
+        const=True,
+        default=False,
+        type=parse_bool,
+        metavar="BOOL",
+        help="replace the run already in --out-dir (its checkpoint, metrics and dictionaries)",
     )
     parser.add_argument(
         "--sweep",
@@ -61,10 +72,9 @@ def _load_config(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from activations.cache_format import CONFIG_FILE, open_manifest, read_cache_config
-    from activations.reader import CachedActivations
+    from activations.cache_format import open_manifest
+    from training.run_folder import own_run_folder, prepare_run_folder
     from training.sweep import expand_grid, parse_sweep
-    from training.trainer import Trainer
 
     cfg = _load_config(args)
     if not args.cache:
@@ -77,6 +87,17 @@ def run(args: argparse.Namespace) -> int:
 
     # The manifest's row count, rather than opening the whole cache twice to learn it.
     _, manifest = open_manifest(args.cache, args.hook)
+    with own_run_folder(cfg.out_dir):
+        prepare_run_folder(cfg.out_dir, resume=args.resume, overwrite=args.overwrite)
+        return _train(args, cfg, members, manifest)
+
+
+def _train(args: argparse.Namespace, cfg: Any, members: list[Any], manifest: Any) -> int:
+    from activations.cache_format import CONFIG_FILE, read_cache_config
+    from activations.reader import CachedActivations
+    from training.run_folder import check_resume_config, run_config
+    from training.trainer import Trainer
+
     epochs = max(1, math.ceil(cfg.total_tokens / max(1, int(manifest["n_tokens"]))))
     # Every process reads the whole global batch and trains on its share (training/distributed.py).
     reader = CachedActivations(
@@ -87,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
     for _, c in members:
         c.dictionary.hook_name = c.dictionary.hook_name or reader.hook_name
         c.dictionary.model_name = c.dictionary.model_name or model_name
+    if args.resume:
+        configs = [c for _, c in members]
+        check_resume_config(cfg.out_dir, run_config([n for n, _ in members], configs))
 
     evaluator = None
     if args.eval_contexts > 0:

@@ -1,13 +1,16 @@
 """Where training numbers go: `metrics.jsonl` in the run folder always, W&B when enabled.
 
-metrics.jsonl is append-only, one JSON object per line ({"step", "tokens", "member", ...});
-a crash can leave at most one partial last line, which `read_metrics` skips. On resume the
-lines past the checkpoint are dropped (rewritten atomically), so the file matches an
-uninterrupted run.
+metrics.jsonl is append-only, one JSON object per line ({"step", "tokens", "member", ...}).
+Each line goes to the file in one write of the whole line (O_APPEND), and a write that fails
+(a full disk) is cut back off, so the file never holds a blank or partial line of ours; a
+crash in the middle of a write can leave at most one partial last line, which `read_metrics`
+skips and reopening cuts off. On resume the lines past the checkpoint are dropped (rewritten
+atomically), so the file matches an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -17,7 +20,8 @@ from typing import Any
 
 import torch
 
-from sae.atomic import atomic_write_text
+from sae.atomic import atomic_write_text, free_bytes
+from sae.errors import DiskFullError
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +40,43 @@ def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
         return []
     rows = []
     for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             continue  # a partial last line from a crash
     return rows
+
+
+def _open_for_append(path: Path, truncate: bool) -> int:
+    """An O_APPEND descriptor of `path`; a partial last line (a crash mid-write) is cut off."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
+    fd = os.open(path, flags, 0o666)
+    size = os.fstat(fd).st_size
+    if size:
+        with open(path, "rb") as fh:
+            fh.seek(size - 1)
+            torn = fh.read(1) != b"\n"
+        if torn:
+            os.ftruncate(fd, path.read_bytes().rfind(b"\n") + 1)
+            logger.warning("%s: cut off a partial last line left by a crash", path)
+    return fd
+
+
+def append_line(fd: int, path: Path, line: str) -> None:
+    """Append one whole line; on failure the file is cut back to where it was."""
+    data = line.encode()
+    start = os.fstat(fd).st_size
+    try:
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+    except OSError as e:
+        os.ftruncate(fd, start)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(path, len(data), free_bytes(path), during_write=True) from e
+        raise
 
 
 def truncate_metrics(out_dir: Path, last_step: int) -> None:
@@ -63,12 +99,12 @@ class MetricsLogger:
     ) -> None:
         self.enabled = enabled
         self.path = Path(out_dir) / METRICS_FILE
-        self._fh = None
+        self._fd: int | None = None
         self._wandb: Any = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a" if resume else "w")  # noqa: SIM115 (closed in close())
+        self._fd = _open_for_append(self.path, truncate=not resume)
         if wandb_project is not None:
             import wandb
 
@@ -84,12 +120,11 @@ class MetricsLogger:
             logger.info("W&B run %s (mode %s)", self._wandb.id, mode)
 
     def log(self, row: dict[str, Any], member: str, multi: bool) -> None:
-        if not self.enabled or self._fh is None:
+        if not self.enabled or self._fd is None:
             return
         clean = {k: (to_float(v) if not isinstance(v, str) else v) for k, v in row.items()}
         clean = {k: v for k, v in clean.items() if not (isinstance(v, float) and math.isnan(v))}
-        self._fh.write(json.dumps({**clean, "member": member}) + "\n")
-        self._fh.flush()
+        append_line(self._fd, self.path, json.dumps({**clean, "member": member}) + "\n")
         if self._wandb is not None:
             prefix = f"{member}/" if multi else ""
             data = {f"{prefix}{k}": v for k, v in clean.items() if k not in ("step",)}
@@ -105,9 +140,9 @@ class MetricsLogger:
         self._wandb.log({f"{prefix}log10_feature_density": wandb.Histogram(log10)}, step=step)
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None

@@ -27,7 +27,6 @@ from torch import Tensor
 from activations.source import BatchSource, ResumableSource
 from sae.atomic import atomic_write_json
 from sae.base import Dictionary
-from sae.dataclass_cli import to_dict
 from sae.errors import UserError
 from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import TrainConfig
@@ -36,6 +35,7 @@ from training.evals import density_summary
 from training.initialization import input_scale
 from training.member import Member
 from training.metrics import MetricsLogger, to_float, truncate_metrics
+from training.run_folder import run_config
 from training.signals import StopOnSignal
 from training.sweep import check_sweep
 
@@ -335,9 +335,7 @@ class Trainer:
 
     # -- plumbing ------------------------------------------------------------------------------
     def _config_dict(self) -> dict[str, Any]:
-        if len(self.members) == 1:
-            return to_dict(self.cfg)
-        return {"members": {m.name: to_dict(m.cfg) for m in self.members}}
+        return run_config([m.name for m in self.members], [m.cfg for m in self.members])
 
     def _write_config(self) -> None:
         """The resolved configuration, including what was derived from the data."""

@@ -114,3 +114,54 @@ def test_other_write_errors_pass_through(tmp_path: Path) -> None:
         raise RuntimeError("a bug")
     with pytest.raises(DiskFullError), atomic_path(tmp_path / "x"):
         raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+
+FILL_SCRIPT = r"""
+import sys, numpy as np, torch
+from pathlib import Path
+from safetensors.torch import save_file
+from sae.atomic import atomic_dir, atomic_path
+from sae.errors import DiskFullError
+root = Path(sys.argv[1])
+big = torch.zeros(1 << 20)  # 4 MiB, on a 1 MiB filesystem
+(root / "old.bin").write_bytes(b"previous")
+def torch_path():
+    with atomic_path(root / "old.bin") as tmp:
+        torch.save(big, tmp)  # torch's own file writer: RuntimeError "unexpected pos"
+def numpy_file():
+    with atomic_path(root / "a.npy") as tmp, open(tmp, "wb") as fh:
+        np.save(fh, big.numpy())
+def safetensors_dir():
+    with atomic_dir(root / "dictionary") as tmp:
+        save_file({"w": big}, str(tmp / "sae.safetensors"))
+for write in (torch_path, numpy_file, safetensors_dir):
+    try:
+        write()
+    except DiskFullError as e:
+        print(e)
+    else:
+        print("no error")
+print(sorted(p.name for p in root.iterdir()), (root / "old.bin").read_bytes())
+"""
+
+
+@pytest.mark.slow
+def test_a_real_full_filesystem_is_one_error_for_torch_numpy_and_safetensors(
+    tmp_path: Path,
+) -> None:
+    import sys
+
+    from tests.helpers import run_on_tmpfs
+
+    mount = tmp_path / "small"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    done = run_on_tmpfs(mount, "1m", [sys.executable, "-c", FILL_SCRIPT, str(mount)], env)
+    if done is None:
+        pytest.skip("cannot mount a tmpfs here (unshare -rm)")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 4, done.stdout
+    for line, name in zip(lines, ["old.bin", "a.npy", "dictionary"], strict=False):
+        assert line.startswith(f"the disk filled while writing {mount / name}: it needs more than")
+    assert lines[0].endswith("is unchanged") and lines[1].endswith("nothing was written")
+    assert lines[3] == "['old.bin'] b'previous'"  # no temporary files, the old file intact

@@ -128,3 +128,195 @@ def test_progress_in_a_log_file_is_short_whole_lines(cache, tmp_path):
     progress = [ln for ln in lines if ln.startswith("train: ")]
     assert progress and progress[-1].startswith("train: 100% 1250/1250"), text
     assert max(len(ln) for ln in lines) < 300
+
+
+# -- the run folder: owned, refused when it holds a run, resumed only with the same options ----
+
+SMALL = [
+    *("--total-tokens", "512", "--batch-size", "128", "--device", "cpu"),
+    *("--dictionary.d-sae", "128", "--dictionary.init-tokens", "256"),
+    *("--logging.progress", "false", "--logging.plots", "false", "--logging.log-every-steps", "1"),
+    *("--checkpoint-every-steps", "2"),
+]
+
+
+def _train(cache, out, capsys, *extra: str) -> tuple[int, list[str]]:
+    """Exit code and the `sae train:` error lines."""
+    code = main(["train", "--cache", str(cache), "--out-dir", str(out), *SMALL, *extra])
+    err = capsys.readouterr().err
+    return code, [ln for ln in err.splitlines() if ln.startswith("sae train:")]
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(cache, out, capsys) == (0, [])
+    before = (out / "dictionary" / "sae.safetensors").read_bytes()
+
+    code, lines = _train(cache, out, capsys, "--objective.l1-coefficient", "1")
+    assert code == 2 and len(lines) == 1
+    assert f"{out} holds a finished run (dictionaries dictionary)" in lines[0]
+    assert "--overwrite" in lines[0]
+    assert (out / "dictionary" / "sae.safetensors").read_bytes() == before  # untouched
+
+    code, lines = _train(cache, out, capsys, "--resume", "--dictionary.d-sae", "32")
+    assert code == 2 and lines == [
+        f"sae train: error: cannot resume {out}: dictionary.d_sae differs (saved 128, now 32); "
+        "resume with the saved value, or start over with --overwrite"
+    ]
+    code, lines = _train(cache, out, capsys, "--resume", "--objective.name", "topk_auxk")
+    assert code == 2 and "objective.name differs" in lines[0] and '(saved "relu_l1"' in lines[0]
+    code, lines = _train(cache, out, capsys, "--resume", "--overwrite")
+    assert code == 2 and "not both" in lines[0]
+
+    # Where, how and how long it runs may change on resume.
+    assert _train(cache, out, capsys, "--resume", "--total-tokens", "768")[0] == 0
+    assert max(r["tokens"] for r in read_metrics(out)) == 768
+
+    assert _train(cache, out, capsys, "--overwrite", "--dictionary.d-sae", "64") == (0, [])
+    assert Dictionary.load(out / "dictionary").d_sae == 64
+    text = (out / "metrics.jsonl").read_text()
+    assert text.endswith("}\n") and "\n\n" not in text
+    assert max(r["tokens"] for r in read_metrics(out)) == 512  # the old run's rows are gone
+    assert not (out / ".sae.lock").exists()
+
+
+def test_an_unfinished_run_is_refused_but_one_with_no_checkpoint_starts_over(
+    cache, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    assert _train(cache, out, capsys)[0] == 0
+    import shutil
+
+    shutil.rmtree(out / "dictionary")  # as if killed after a checkpoint
+    code, lines = _train(cache, out, capsys)
+    assert code == 2 and "holds an unfinished run with a checkpoint" in lines[0]
+    assert "--resume" in lines[0]
+    shutil.rmtree(out / "checkpoint")  # killed before its first checkpoint: nothing to keep
+    assert _train(cache, out, capsys) == (0, [])
+
+
+def test_a_second_train_into_a_held_folder_is_one_line_naming_the_holder(cache, tmp_path, capsys):
+    import os
+
+    from sae.locks import hold_folder
+
+    out = tmp_path / "run"
+    with hold_folder(out, "sae train"):
+        code, lines = _train(cache, out, capsys)
+    assert code == 2 and lines == [
+        f"sae train: error: {out} is in use by `sae train` (pid {os.getpid()}); "
+        "wait for it to finish or pick another folder"
+    ]
+    assert not out.exists()  # the refusal left nothing behind
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
+    cache, tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    import torch
+
+    from training.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    real_save = torch.save
+    calls = []
+
+    def filling_save(obj, f, *args, **kwargs):
+        calls.append(obj["step"])
+        if len(calls) == 2:  # the second checkpoint fills the disk half-way
+            f.write(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", filling_save)
+    code, lines = _train(cache, out, capsys)
+    assert code == 2 and len(lines) == 1, lines
+    path = out / "checkpoint" / "state.pt"
+    assert lines[0].startswith(f"sae train: error: the disk filled while writing {path}: it needs ")
+    assert "bytes)" in lines[0] and lines[0].endswith(f"the previous {path} is unchanged")
+    assert load_checkpoint(out)["step"] == 2  # the first checkpoint is intact
+    assert [p.name for p in path.parent.iterdir()] == ["state.pt"]
+
+    import shutil
+
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=10_000))
+    code, lines = _train(cache, out, capsys, "--resume")
+    assert code == 2 and len(lines) == 1, lines
+    assert f"not enough free disk for {path}: it needs" in lines[0]
+    assert "10000 B free" not in lines[0] and "9.8 KiB free" in lines[0]
+    assert load_checkpoint(out)["step"] == 2
+
+
+TRAIN_ON_A_SMALL_DISK = r"""
+import os, sys
+from pathlib import Path
+from sae.cli import main
+from training.checkpoint import load_checkpoint
+cache, out, *flags = sys.argv[1:]
+code = main(["train", "--cache", cache, "--out-dir", out, *flags])
+print(code, load_checkpoint(Path(out))["step"], sorted(os.listdir(Path(out) / "checkpoint")))
+"""
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_during_training_is_one_line(cache, tmp_path):
+    """The run folder on a 400 KiB filesystem: the first checkpoint (about 250 KiB) fits, the
+    second cannot sit beside it; one line, and the first checkpoint is still there."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import run_on_tmpfs
+
+    mount = tmp_path / "disk"
+    out = mount / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    argv = [sys.executable, "-c", TRAIN_ON_A_SMALL_DISK, str(cache), str(out), *SMALL]
+    done = run_on_tmpfs(mount, "400k", argv, env)
+    if done is None:
+        pytest.skip("cannot mount a tmpfs here (unshare -rm)")
+    assert done.returncode == 0, done.stderr
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("sae train:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    path = out / "checkpoint" / "state.pt"
+    assert errors[0].startswith(f"sae train: error: not enough free disk for {path}: it needs")
+    assert errors[0].endswith(f"the previous {path} is unchanged")
+    assert done.stdout.split("\n")[-2] == "2 2 ['state.pt']"
+
+
+@pytest.mark.slow
+def test_two_concurrent_sae_train_processes_one_is_refused(cache, tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    long_run = [a if a != "512" else "100000000" for a in SMALL]  # total tokens: runs until killed
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    argv = ["train", "--cache", str(cache), "--out-dir", str(out), *long_run]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "sae.cli", *argv],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file():  # training, with the folder held
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        code, lines = _train(cache, out, capsys)
+        assert code == 2 and lines == [
+            f"sae train: error: {out} is in use by `sae train` (pid {first.pid}); "
+            "wait for it to finish or pick another folder"
+        ]
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()
