@@ -2,14 +2,23 @@
 
 Layout of a cache folder (`CacheConfig.out`):
 
-    cache_config.json                  what was asked (model, hooks, text, dtype, ...): resume key
+    cache_config.json                  what was asked (model, hooks, text, dtype, ...): resume
+                                       key, and a config file that redoes the run:
+                                       `sae cache --config <cache>/cache_config.json`
     n_contexts.json                    contexts in the whole split, when it had to be counted
+    .sae.lock                          held while a `sae cache` writes here (sae/locks.py)
     blocks.0.mlp.hook_post/            one folder per hook
         shard-00-000000.safetensors    rank 00, shard 0 (see below)
         part-00.json                   rank 00's shard list, written when the rank is done
         manifest.json                  what readers open: model, hook_name, dataset, dtype, d_in,
                                        context_size, drop_bos, n_tokens, shards, per-dimension
                                        mean, mean_squared_norm
+
+Each entry of a manifest's (and a part's) `shards` list is {"file", "n_rows", "bytes",
+"sha256"}: the shard's size and the SHA-256 of its bytes, computed while it is written.
+Readers compare every shard's size on open (a stat each); `sae cache --verify` compares the
+checksums. Manifests written before checksums existed lack "bytes"/"sha256": they are still
+read, the size a shard must have then comes from its own header (`shard_problem`).
 
 A shard is a safetensors file holding `activations` [N, D] in the stored dtype (`StorageDtype`),
 the per-row metadata columns of `META_COLUMNS` (token_ids [N] int32, sequence [N] int64: the
@@ -19,14 +28,16 @@ survive a resume. Rows of one context are consecutive within a rank's shards.
 
 Shard k of a rank holds rows [k * shard_tokens, (k + 1) * shard_tokens) of that rank's
 deterministic row stream and is written under a temporary name then renamed (`sae.atomic`), so
-a present shard is a complete one. Each rank lists its shards in a part manifest; when every
+a present shard is a complete one, and a damaged one can be computed again on its own. Each rank lists its shards in a part manifest; when every
 rank's part exists they merge into manifest.json (activations/cache_writer.py writes all of
 this, activations/reader.py reads it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any, Literal
@@ -81,11 +92,20 @@ def hook_dir(out: Path, hook_name: str) -> Path:
     return Path(out) / hook_name
 
 
+def repair_command(root: Path, world_size: int = 1) -> str:
+    """The command that checks a cache and rewrites its damaged shards."""
+    run = "sae" if world_size == 1 else f"torchrun --nproc-per-node {world_size} -m sae.cli"
+    return f"{run} cache --config {Path(root) / CONFIG_FILE}"
+
+
 # -- shard files ----------------------------------------------------------------------------
 
 
-def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file straight from the tensors' memory.
+def write_safetensors(
+    path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]
+) -> dict[str, Any]:
+    """Write a safetensors file straight from the tensors' memory; returns its manifest
+    fields {"bytes", "sha256"}, hashed from memory as it is written (no second read).
 
     `safetensors.torch.save_file` first copies every tensor into a Python bytes object; this
     writes the same format (loadable by `safetensors.safe_open` / `load_file`) with no copy,
@@ -105,18 +125,74 @@ def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str
         flat[name] = data
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    digest = hashlib.sha256()
     with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
+        for chunk in (struct.pack("<Q", len(raw)), raw):
+            fh.write(chunk)
+            digest.update(chunk)
         for data in flat.values():
-            data.numpy().tofile(fh)
+            array = data.numpy()
+            array.tofile(fh)
+            digest.update(array.data)
+    return {"bytes": 8 + len(raw) + offset, "sha256": digest.hexdigest()}
+
+
+def file_sha256(path: Path, chunk: int = 16 * 2**20) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _header(path: Path) -> tuple[int, dict[str, Any]]:
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        if header_len > 100 * 2**20:
+            raise ValueError(f"header length {header_len}")
+        header = json.loads(fh.read(header_len))
+    return header_len, header
+
+
+def shard_problem(path: Path, entry: dict[str, Any] | None = None) -> str | None:
+    """What is wrong with a shard file, cheaply (a stat, and a header read when the manifest
+    entry has no size); None if nothing is. The checksum is not read (see `verify_shard`)."""
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return "missing"
+    if entry is not None and "bytes" in entry:
+        want = int(entry["bytes"])
+    else:
+        try:
+            header_len, header = _header(path)
+            want = (
+                8
+                + header_len
+                + max(
+                    (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                    default=0,
+                )
+            )
+        except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError):
+            return f"unreadable header ({size} bytes)"
+    if size != want:
+        return f"{size} bytes, expected {want}"
+    return None
+
+
+def verify_shard(path: Path, entry: dict[str, Any]) -> str | None:
+    """`shard_problem`, then the checksum if the entry has one; None if the shard is sound."""
+    problem = shard_problem(path, entry)
+    if problem is None and "sha256" in entry and file_sha256(path) != entry["sha256"]:
+        problem = "checksum differs"
+    return problem
 
 
 def memmap_activations(path: Path) -> Tensor:
     """The `activations` tensor of a shard as a read-only-in-practice memory map (no copy)."""
-    with open(path, "rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(header_len))
+    header_len, header = _header(path)
     info = header["activations"]
     dtype = _FROM_CODE[info["dtype"]]
     begin, end = info["data_offsets"]

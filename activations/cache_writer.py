@@ -2,16 +2,18 @@
 
 Rows are buffered in float32 until a shard is full (`ShardBuffers`), so its statistics are
 exact; full shards are written on a background thread (`ShardWriter`) under a temporary name,
-then renamed. Each rank lists its shards in a part manifest, and the last rank to finish merges
-the parts into manifest.json. The files are laid out as activations/cache_format.py describes.
+then renamed, and hashed as they are written. Each rank lists its shards (rows, size, SHA-256)
+in a part manifest, and the last rank to finish merges the parts into manifest.json. The
+files are laid out as activations/cache_format.py describes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import queue
-import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,33 +23,14 @@ from torch import Tensor
 from activations.cache_format import (
     MANIFEST,
     META_COLUMNS,
+    file_sha256,
     part_name,
     shard_name,
     write_safetensors,
 )
 from sae.atomic import atomic_path, atomic_write_json
-from sae.errors import UserError
 
-
-def check_free_disk(path: Path, needed: int) -> None:
-    """UserError if the filesystem of `path` has fewer than `needed` free bytes."""
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed:
-        raise UserError(
-            f"not enough free disk in {probe}: the cache needs {_human(needed)} "
-            f"({needed} bytes), {_human(free)} free"
-        )
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n} B"
+logger = logging.getLogger(__name__)
 
 
 class ShardWriter:
@@ -58,6 +41,8 @@ class ShardWriter:
         self.metadata = metadata
         self.queue: queue.Queue[tuple[Path, dict[str, Tensor]] | None] = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
+        self.digests: dict[Path, dict[str, Any]] = {}
+        """{"bytes", "sha256"} of every shard written, by path."""
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self.thread.start()
 
@@ -67,8 +52,10 @@ class ShardWriter:
         self.queue.put((path, rows))
 
     def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
+        """Wait for every submitted shard; raise the first write error, if any."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
         if self.error is not None:
             raise self.error
 
@@ -93,9 +80,9 @@ class ShardWriter:
             "stat_sq_norm": sq_norm.reshape(1),
         }
         needed = sum(t.numel() * t.element_size() for t in tensors.values()) + 4096
-        check_free_disk(path.parent, needed)
-        with atomic_path(path) as tmp:
-            write_safetensors(tmp, tensors, self.metadata)
+        with atomic_path(path, expected_bytes=needed) as tmp:
+            digest = write_safetensors(tmp, tensors, self.metadata)
+        self.digests[path] = digest
 
 
 def shard_statistics(acts: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor]:
@@ -115,7 +102,8 @@ def shard_statistics(acts: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor]:
 
 class ShardBuffers:
     """Rows of every hook waiting for a full shard (float32, so statistics are exact); full
-    shards go to the writer under consecutive indices."""
+    shards go to the writer under consecutive indices (only those `keep(index, hook)` picks:
+    a repair computes every hook but rewrites only the damaged files)."""
 
     def __init__(
         self,
@@ -125,9 +113,11 @@ class ShardBuffers:
         rank: int,
         first_index: int,
         writer: ShardWriter,
+        keep: Callable[[int, str], bool] | None = None,
     ) -> None:
         self.folders, self.widths, self.size = folders, widths, shard_tokens
         self.rank, self.next_index, self.writer = rank, first_index, writer
+        self.keep = keep
         self._new()
 
     def _new(self) -> None:
@@ -158,24 +148,37 @@ class ShardBuffers:
             return
         k = self.fill
         for name, a in self.acts.items():
+            if self.keep is not None and not self.keep(self.next_index, name):
+                continue
             rows = {"activations": a[:k], **{key: m[:k] for key, m in self.meta.items()}}
             self.writer.submit(self.folders[name] / shard_name(self.rank, self.next_index), rows)
         self.next_index += 1
         self._new()
 
 
-def write_part_manifest(folder: Path, rank: int, n_shards: int) -> dict[str, Any]:
-    """Rank `rank`'s shard list and statistic sums, read back from its shard files."""
+def write_part_manifest(
+    folder: Path, rank: int, n_shards: int, digests: dict[Path, dict[str, Any]]
+) -> dict[str, Any]:
+    """Rank `rank`'s shard list and statistic sums, read back from its shard files.
+
+    `digests` holds the size and checksum of the shards written by this process (or known
+    from an earlier part manifest); shards an interrupted earlier process wrote are hashed here.
+    """
     from safetensors import safe_open
 
     shards, total, stat_sum, sq = [], 0, None, 0.0
+    unknown = [i for i in range(n_shards) if folder / shard_name(rank, i) not in digests]
+    if unknown:
+        logger.info("hashing %d shard(s) written before this run resumed", len(unknown))
     for i in range(n_shards):
-        with safe_open(str(folder / shard_name(rank, i)), "pt") as f:
+        path = folder / shard_name(rank, i)
+        with safe_open(str(path), "pt") as f:
             n = f.get_slice("token_ids").get_shape()[0]
             s = f.get_tensor("stat_sum")
             sq += float(f.get_tensor("stat_sq_norm")[0])
         stat_sum = s if stat_sum is None else stat_sum + s
-        shards.append({"file": shard_name(rank, i), "n_rows": n})
+        digest = digests.get(path) or {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        shards.append({"file": path.name, "n_rows": n, **digest})
         total += n
     part = {
         "rank": rank,

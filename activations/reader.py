@@ -1,7 +1,8 @@
 """Reading an activation cache: the reader core and the shuffled training reader.
 
-`CacheShards` is the one reader core: it opens one cached hook (manifest, row-count check, a
-memory map of every shard's activations, a shard's metadata columns on request). Both readers
+`CacheShards` is the one reader core: it opens one cached hook (manifest, a size check of every
+shard, row-count check, a memory map of every shard's activations, a shard's metadata columns
+on request). Both readers
 are built on it: the shuffled `CachedActivations` below (a `ResumableSource` for the trainer,
 activations/source.py) and the ordered per-context `cached_activations` that feature analysis
 reads (activations/contexts.py). The files are laid out as activations/cache_format.py says.
@@ -38,7 +39,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from activations.cache_format import memmap_activations, open_manifest, read_meta_columns
+from activations.cache_format import (
+    memmap_activations,
+    open_manifest,
+    read_cache_config,
+    read_meta_columns,
+    repair_command,
+    shard_problem,
+)
 from activations.prefetch import in_background
 from sae.devices import DTYPES
 from sae.errors import UserError
@@ -49,7 +57,8 @@ class CacheShards:
     activations (`activations[i]`, [n_rows of shard i, d_in] in the stored dtype, no copy).
 
     `path` is a cache root plus `hook_name`, or a hook folder (see `open_manifest`). A UserError
-    if the shards do not hold the rows the manifest counts.
+    naming the shard and the command that repairs it if a shard is missing or has the wrong
+    size, or if the shards do not hold the rows the manifest counts.
     """
 
     def __init__(self, path: str | Path, hook_name: str | None = None) -> None:
@@ -58,12 +67,33 @@ class CacheShards:
         self.d_in: int = int(self.manifest["d_in"])
         self.dtype: torch.dtype = DTYPES[self.manifest["dtype"]]
         self.files = [self.folder / s["file"] for s in self.manifest["shards"]]
+        self._check_sizes()
         self.activations = [memmap_activations(f) for f in self.files]
         self.n_rows = sum(len(t) for t in self.activations)
         if self.n_rows != self.manifest["n_tokens"]:
             raise UserError(
                 f"{self.folder}: shards hold {self.n_rows} rows, manifest says {self.manifest['n_tokens']}"
             )
+
+    def _check_sizes(self) -> None:
+        damaged = [
+            (f.name, problem)
+            for f, entry in zip(self.files, self.manifest["shards"], strict=True)
+            if (problem := shard_problem(f, entry)) is not None
+        ]
+        if not damaged:
+            return
+        name, problem = damaged[0]
+        more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        config = read_cache_config(self.folder)
+        fix = (
+            f"repair it with `{repair_command(self.folder.parent, config.get('world_size', 1))}`"
+            if config is not None
+            else "write it again with the `sae cache` command that made it"
+        )
+        raise UserError(
+            f"activation cache {self.folder}: shard {name} is damaged ({problem}){more}; {fix}"
+        )
 
     def __len__(self) -> int:
         """Number of shards."""

@@ -221,14 +221,18 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def dataclass_from_args(
-    cls: type[T], ns: argparse.Namespace, config_file: str | Path | None = None
+    cls: type[T],
+    ns: argparse.Namespace,
+    config_file: str | Path | None = None,
+    base: dict[str, Any] | None = None,
 ) -> T:
-    """Config file (if any) first, then the options given on the command line. A bad file or
-    value is a UserError, which the `sae` command prints as one line."""
+    """Config file (if any; else the options in `base`) first, then the options given on the
+    command line. A bad file or value is a UserError, which the `sae` command prints as one
+    line."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     given = {k: v for k, v in vars(ns).items() if k.split(".")[0] in names}
     try:
-        data = load_config_file(config_file) if config_file else {}
+        data = load_config_file(config_file) if config_file else dict(base or {})
         return from_dict(cls, _merge(data, _nest(given)))
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from None
