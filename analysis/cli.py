@@ -6,6 +6,8 @@
 
 `analyze` runs text through the model and the dictionary once, writes the feature store
 (`<dict>/analysis/` unless --out), and can print a plain-text summary of some features.
+One `sae analyze` at a time writes a store; re-analysing the same dictionary keeps its
+labels, a store of another dictionary (other features) is refused unless --overwrite.
 `compare` prints, for features of A, the nearest features of B by decoder cosine and by
 activation correlation, and writes the full result as JSON.
 """
@@ -15,12 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 from analysis.cards import format_feature, pick_features
-from sae.dataclass_cli import add_dataclass_args, dataclass_from_args
-from sae.errors import UserError
+from sae.dataclass_cli import add_dataclass_args, dataclass_from_args, parse_bool
+from sae.errors import DiskFullError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="tokens to analyse (same as --n-tokens)")  # fmt: skip
     add_dataclass_args(p, AnalysisConfig)
     p.add_argument("--out", help="feature store directory (default: <dictionary>/analysis)")
+    p.add_argument("--overwrite", nargs="?", const=True, default=False, type=parse_bool,
+                   metavar="BOOL", help="replace a store holding another dictionary's "
+                   "analysis (and its labels)")  # fmt: skip
     p.add_argument("--skip-analysis", action="store_true",
                    help="use the existing feature store: only show / export")  # fmt: skip
     p.add_argument("--show", type=int, default=0, metavar="N",
@@ -126,18 +133,20 @@ def run(args: argparse.Namespace) -> int:
     from analysis.analyze import analyze
     from analysis.store import FeatureStore
     from sae.devices import resolve_device
+    from sae.locks import hold_folder
 
     store_dir = _store_dir(args)
     if not args.skip_analysis:
         cfg = dataclass_from_args(AnalysisConfig, args, None)
         device = str(resolve_device(args.device))
-        dictionary, model, model_name = _load(args.dictionary, args.model, device)
-        text = _text_config(args, model)
-        arrays = analyze(model, dictionary, text, cfg, hook_name=args.hook,
-                         dictionary_name=str(args.dictionary), model_name=model_name,
-                         cache=args.cache)  # fmt: skip
-        with FeatureStore.open(store_dir) as store:
-            meta = store.replace_statistics(arrays)
+        with hold_folder(store_dir, "sae analyze"):
+            dictionary, model, model_name = _load(args.dictionary, args.model, device)
+            _check_store(store_dir, args, dictionary)
+            text = _text_config(args, model)
+            arrays = analyze(model, dictionary, text, cfg, hook_name=args.hook,
+                             dictionary_name=str(args.dictionary), model_name=model_name,
+                             cache=args.cache)  # fmt: skip
+            meta = _store(store_dir, arrays)
         print(f"analysed {meta.n_tokens:,} tokens: {meta.d_sae} features -> {store_dir} "
               f"(generation {meta.generation})")  # fmt: skip
     with FeatureStore.open(store_dir, readonly=True) as store:
@@ -153,6 +162,63 @@ def run(args: argparse.Namespace) -> int:
 
             print(f"Delphi latent cache -> {export_delphi(store, args.export_delphi)}")
     return 0
+
+
+def _check_store(store_dir: Path, args: argparse.Namespace, dictionary: Any) -> None:
+    """Refuse (or with --overwrite, clear) a store holding another dictionary's analysis: its
+    feature ids, and the labels attached to them, mean other features."""
+    from analysis.store import DB_NAME, FeatureStore
+
+    if not (store_dir / DB_NAME).is_file():
+        return
+    with FeatureStore.open(store_dir, readonly=True) as store:
+        meta = store.meta() if store.has_statistics() else None
+    if meta is None:
+        return
+    hook = args.hook or dictionary.cfg.hook_name
+    before, now = Path(meta.dictionary).expanduser(), Path(args.dictionary).expanduser()
+    moved = before.is_dir() and now.is_dir() and before.resolve() != now.resolve()
+    if meta.d_sae == dictionary.d_sae and meta.hook_name == hook and not moved:
+        return  # the same dictionary again: statistics are replaced, labels kept
+    if not args.overwrite:
+        raise UserError(
+            f"{store_dir} holds the analysis of another dictionary ({meta.dictionary}: "
+            f"{meta.d_sae} features at {meta.hook_name}); pass --overwrite to replace it and "
+            "its labels, or pick another --out"
+        )
+    for path in [*store_dir.glob(f"{DB_NAME}*"), *store_dir.glob("arrays-*")]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    logger.info("cleared the feature store in %s (--overwrite)", store_dir)
+
+
+def _store(store_dir: Path, arrays: Any) -> Any:
+    """Write the analysis into the store; a full disk is one line (the store keeps its
+    previous analysis: the arrays are written atomically, the table swap is a transaction)."""
+    from analysis.store import DB_NAME, FeatureStore
+    from sae.atomic import free_bytes
+
+    db = store_dir / DB_NAME
+    try:
+        with FeatureStore.open(store_dir) as store:
+            return store.replace_statistics(arrays)
+    except DiskFullError as e:
+        if e.needed is not None:
+            raise
+        # The arrays directory filled the disk; say how much it needs in all.
+        needed = sum(getattr(arrays, name).nbytes for name in arrays.ARRAY_FIELDS)
+        raise DiskFullError(e.path, needed, e.free, during_write=True) from e
+    except sqlite3.OperationalError as e:
+        if "full" not in str(e):
+            raise
+        # The swap rewrites the features table and its search index through the WAL: about
+        # the database's size again (or a few hundred bytes a feature for a new store).
+        needed = max(db.stat().st_size if db.is_file() else 0, arrays.meta.d_sae * 512)
+        raise DiskFullError(
+            db, needed, free_bytes(store_dir), during_write=True, kept=db.is_file()
+        ) from e
 
 
 # -- compare ------------------------------------------------------------------------------------
