@@ -8,11 +8,13 @@ A subcommand module defines `add_parser(subparsers) -> argparse.ArgumentParser` 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
 
 from sae.errors import UserError
+from sae.progress import quiet_library_bars
 
 # name -> module defining add_parser(); order is the order shown in --help.
 SUBCOMMANDS: dict[str, str] = {
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_bars()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -68,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sae {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        # A write outside the atomic writers (which name the bytes needed) filled the disk.
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"sae {args.command}: error: no space left on device{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ most every `LOG_INTERVAL` seconds and once at the end:
     train:  42% 420/1000 [00:12<00:16, 35.1step/s, loss=0.12, l0=31.9]
 
 tqdm itself does the counting, timing and rate limiting (`mininterval`); this module only
-picks the bar and turns its redraws into whole lines.
+picks the bar and turns its redraws into whole lines. The Hugging Face libraries draw their
+own bars (weights loading, downloads); `quiet_library_bars` turns those off in a log.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import IO, Any
@@ -81,3 +83,12 @@ def progress_bar(iterable: Any = None, *, file: IO[str] | None = None, **kwargs:
         ascii=True,
         **kwargs,
     )
+
+
+def quiet_library_bars() -> None:
+    """Turn off the Hugging Face libraries' own bars when stderr is not a terminal (unless the
+    user set HF_HUB_DISABLE_PROGRESS_BARS). They read the variable when first imported, so the
+    `sae` command calls this before importing them."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    if not (callable(isatty) and isatty()):
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

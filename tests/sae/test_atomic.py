@@ -165,3 +165,19 @@ def test_a_real_full_filesystem_is_one_error_for_torch_numpy_and_safetensors(
         assert line.startswith(f"the disk filled while writing {mount / name}: it needs more than")
     assert lines[0].endswith("is unchanged") and lines[1].endswith("nothing was written")
     assert lines[3] == "['old.bin'] b'previous'"  # no temporary files, the old file intact
+
+
+def test_the_sae_command_reports_any_other_full_disk_as_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sae import info_cli
+    from sae.cli import main
+
+    def fills(args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", "plots/density.png")
+
+    monkeypatch.setattr(info_cli, "run_info", fills)
+    assert main(["info", "x"]) == 2
+    assert capsys.readouterr().err == (
+        "sae info: error: no space left on device writing plots/density.png\n"
+    )

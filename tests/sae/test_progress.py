@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 
@@ -58,3 +59,13 @@ def test_unknown_length_and_disabled_bars(total) -> None:
     bar.update(5)
     bar.close()
     assert quiet.getvalue() == ""
+
+
+def test_library_bars_are_quiet_in_a_log_only(monkeypatch) -> None:
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setattr("sys.stderr", _Tty())
+    progress.quiet_library_bars()
+    assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    progress.quiet_library_bars()
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
