@@ -56,11 +56,16 @@ def run_config(names: Sequence[str], cfgs: Sequence[Any]) -> dict[str, Any]:
     return {"members": {n: to_dict(c) for n, c in zip(names, cfgs, strict=True)}}
 
 
+def _is_main() -> bool:
+    """The process that writes the run folder: rank 0 of a torchrun job, or the only one."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 @contextlib.contextmanager
 def own_run_folder(out_dir: Path) -> Iterator[None]:
     """Hold `out_dir` for `sae train` (the main process of a torchrun job writes it; other
     ranks only read, so they take no lock)."""
-    if int(os.environ.get("RANK", 0)) != 0:
+    if not _is_main():
         yield
         return
     with hold_folder(out_dir, "sae train"):
@@ -85,7 +90,8 @@ def _member_names(saved: dict[str, Any] | None) -> list[str]:
 
 
 def prepare_run_folder(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse a folder holding a run (unless resume/overwrite); with overwrite, clear it."""
+    """Refuse a folder holding a run (unless resume/overwrite); with overwrite, clear it.
+    Every rank of a torchrun job refuses alike; only the main one removes files."""
     if resume and overwrite:
         raise UserError(
             "--resume continues the run in --out-dir, --overwrite replaces it: not both"
@@ -105,6 +111,8 @@ def prepare_run_folder(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
             what = "an unfinished run with a checkpoint"
             hint = "pass --resume to continue it or --overwrite to replace it"
         raise UserError(f"{out_dir} holds {what}; {hint}, or pick another --out-dir")
+    if not _is_main():
+        return
     removed = [n for n in (*RUN_FILES, *members) if (out_dir / n).exists()]
     for name in removed:
         path = out_dir / name
