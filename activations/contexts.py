@@ -71,14 +71,9 @@ def cached_activations(
     rest: list[Tensor] = []
 
     def emit(acts: Tensor, tok: Tensor, seq: Tensor, pos: Tensor) -> ActivationBatch:
-        uniq, local = torch.unique_consecutive(seq, return_inverse=True)
-        S, p = uniq.numel(), pos.long()
-        tokens = torch.full((S, T), fill_token, dtype=torch.long)
-        tokens[local, p] = tok.long()
-        full = torch.zeros((S, T, acts.shape[-1]), dtype=acts.dtype)
+        tokens, valid, uniq, (local, p) = _contexts(tok, seq, pos, T, fill_token)
+        full = torch.zeros((uniq.numel(), T, acts.shape[-1]), dtype=acts.dtype)
         full[local, p] = acts
-        valid = torch.zeros((S, T), dtype=torch.bool)
-        valid[local, p] = True
         return ActivationBatch(tokens.to(device), uniq, full.to(device), valid.to(device))
 
     for shard, shard_acts in enumerate(cache.activations):
@@ -104,3 +99,73 @@ def cached_activations(
                 return
     if rest and rest[0].numel():
         yield emit(*rest)
+
+
+def _contexts(
+    tok: Tensor, seq: Tensor, pos: Tensor, context_size: int, fill_token: int
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """Rows of consecutive contexts -> (tokens [C, T], valid [C, T], context ids [C], the
+    (context, position) index of every row)."""
+    uniq, local = torch.unique_consecutive(seq, return_inverse=True)
+    C, p = uniq.numel(), pos.long()
+    tokens = torch.full((C, context_size), fill_token, dtype=torch.long)
+    tokens[local, p] = tok.long()
+    valid = torch.zeros((C, context_size), dtype=torch.bool)
+    valid[local, p] = True
+    return tokens, valid, uniq, (local, p)
+
+
+class CacheTail(NamedTuple):
+    """The last whole contexts of a cached hook, held out from training."""
+
+    start: int
+    """First held-out row in stored order: training reads rows [0, start)."""
+    acts: Float[Tensor, "N D"]
+    """Their activations, float32."""
+    tokens: Int[Tensor, "C T"]
+    """Their contexts' token ids (positions the cache dropped hold `fill_token`)."""
+    valid: Bool[Tensor, "C T"]
+    """Positions that have a row (False: BOS the cache left out)."""
+
+
+def cache_tail(
+    path: str | Path, hook_name: str | None, min_rows: int, fill_token: int
+) -> CacheTail:
+    """Hold out the cache's last whole contexts, at least `min_rows` rows, in stored order.
+
+    The cut falls on a context boundary, so no context is split between training and
+    evaluation; the held-out contexts are the end of the cached text stream (of the last rank,
+    for a cache written under torchrun). A UserError if that leaves nothing to train on.
+    """
+    cache = CacheShards(path, hook_name)
+    n = cache.n_rows
+    if min_rows >= n // 2:
+        raise UserError(
+            f"activation cache {cache.folder} holds {n} rows: too few to hold out {min_rows} "
+            "for evaluation and train on the rest; cache more tokens or lower --eval.tokens"
+        )
+    offsets = [0]
+    for t in cache.activations:
+        offsets.append(offsets[-1] + len(t))
+    want = n - min_rows
+    first = max(i for i in range(len(cache)) if offsets[i] <= want)
+    # One shard earlier too: the context holding row `want` may have started there.
+    lo_shard = max(first - 1, 0)
+    meta = [cache.meta_columns(i) for i in range(lo_shard, len(cache))]
+    seq = torch.cat([m["sequence"] for m in meta])
+    base = offsets[lo_shard]
+    i = want - base
+    while i > 0 and seq[i - 1] == seq[i]:
+        i -= 1
+    start = base + i
+    if start == 0:
+        raise UserError(f"activation cache {cache.folder}: one context spans the held-out rows")
+    acts = torch.cat(
+        [t[max(start - offsets[k], 0) :].float() for k, t in enumerate(cache.activations)
+         if offsets[k + 1] > start]
+    )  # fmt: skip
+    tok = torch.cat([m["token_ids"] for m in meta])[i:]
+    pos = torch.cat([m["position"] for m in meta])[i:]
+    T = int(cache.manifest["context_size"])
+    tokens, valid, _, _ = _contexts(tok, seq[i:], pos, T, fill_token)
+    return CacheTail(start, acts, tokens, valid)

@@ -14,12 +14,15 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
+JOIN_SECONDS = 30.0
+"""How long closing the consumer waits for the producer to finish the item it is computing."""
+
 
 def in_background(items: Iterator[T], depth: int) -> Iterator[T]:
     """Yield what `items` yields, computed up to `depth` items ahead on a daemon thread.
 
     Exceptions in the producer are re-raised in the consumer; closing the returned generator
-    (or dropping it) stops the producer at its next item.
+    (or dropping it) stops the producer at its next item and waits for it to get there.
     """
     q: queue.Queue[object] = queue.Queue(maxsize=max(depth, 1))
     stop = threading.Event()
@@ -52,3 +55,6 @@ def in_background(items: Iterator[T], depth: int) -> Iterator[T]:
             yield item  # type: ignore[misc]
     finally:
         stop.set()
+        # Wait for the producer to leave its current item: a daemon thread still inside a
+        # torch op when the interpreter exits aborts the process.
+        thread.join(timeout=JOIN_SECONDS)

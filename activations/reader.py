@@ -113,6 +113,9 @@ class _Chunk(NamedTuple):
 class CachedActivations:
     """Shuffled batches [batch_size, d_in] of one cached hook, on `device`, for `epochs`.
 
+    `rows=(lo, hi)` reads only rows lo..hi-1 of the cache in stored (manifest) order, e.g. all
+    but a held-out tail (activations/contexts.py `cache_tail`).
+
     Iterating continues from the current position (a fresh reader starts at epoch 0, row 0);
     `state_dict()` after a batch says where the next one starts. `prefetch` batches are
     gathered and cast ahead on a background thread (0: all on the caller's thread, the plain
@@ -134,6 +137,7 @@ class CachedActivations:
         chunk_rows: int = 1024,
         drop_last: bool = False,
         prefetch: int = 4,
+        rows: tuple[int, int] | None = None,
     ) -> None:
         if batch_size < 1 or epochs < 1 or chunk_rows < 1:
             raise ValueError("batch_size, epochs and chunk_rows must be positive")
@@ -153,12 +157,19 @@ class CachedActivations:
         self.prefetch = prefetch
         self.shards = self.cache.activations
         self.buffer_rows = max(batch_size, buffer_bytes // (self.d_in * self.cache.dtype.itemsize))
-        self.chunks = [
-            _Chunk(i, a, min(a + chunk_rows, len(t)))
-            for i, t in enumerate(self.shards)
-            for a in range(0, len(t), chunk_rows)
-        ]
-        self.n_rows = self.cache.n_rows
+        lo, hi = rows if rows is not None else (0, self.cache.n_rows)
+        if not 0 <= lo < hi <= self.cache.n_rows:
+            raise ValueError(f"rows {rows} outside the cache's {self.cache.n_rows} rows")
+        self.chunks = []
+        offset = 0
+        for i, t in enumerate(self.shards):
+            # Rows [lo, hi) of the shards in manifest order, cut into chunks within a shard.
+            start, stop = max(lo - offset, 0), min(hi - offset, len(t))
+            self.chunks += [
+                _Chunk(i, a, min(a + chunk_rows, stop)) for a in range(start, stop, chunk_rows)
+            ]
+            offset += len(t)
+        self.n_rows = hi - lo
         self.epoch = 0
         self.position = 0
         self._rows_per_epoch: int | None = None

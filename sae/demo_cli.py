@@ -57,8 +57,8 @@ class DemoConfig:
     """Activations per training step."""
     lr: float = 1e-3
     """Peak learning rate (short runs want a larger one than the trainer's default)."""
-    eval_contexts: int = 64
-    """Contexts for the loss-recovered evaluation."""
+    eval_tokens: int = 100_000
+    """Held-out tokens of the cache the dictionaries are evaluated on (not trained on)."""
     analysis_tokens: int = 200_000
     """Validation tokens run through model and dictionary by `sae analyze`."""
     compare_tokens: int = 30_000
@@ -129,7 +129,7 @@ def run_pipeline(cfg: DemoConfig) -> dict[str, Any]:
              "--batch-size", str(cfg.batch_size), "--objective.k", str(cfg.k),
              "--objective.l1-coefficient", str(cfg.l1_coefficient), "--optim.lr", str(cfg.lr),
              "--sweep", "objective.name=" + ",".join(MEMBERS),
-             "--eval-contexts", str(cfg.eval_contexts), *resume)  # fmt: skip
+             "--eval.tokens", str(cfg.eval_tokens), *resume)  # fmt: skip
     timings["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -169,22 +169,6 @@ def _cache_complete(cache: Path) -> bool:
     return any(cache.glob("*/manifest.json"))
 
 
-def _last_metrics(run_dir: Path) -> dict[str, dict[str, float]]:
-    """Latest value of each metric per sweep member, from the run's metrics.jsonl."""
-    latest: dict[str, dict[str, float]] = {}
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return latest
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        member = rec.pop("member", None)
-        if member is not None:
-            latest.setdefault(member, {}).update(
-                {k: v for k, v in rec.items() if isinstance(v, int | float)}
-            )
-    return latest
-
-
 def build_report(
     cfg: DemoConfig,
     run_dir: Path,
@@ -194,39 +178,40 @@ def build_report(
 ) -> dict[str, Any]:
     from analysis.cli import format_feature, pick_features
     from analysis.store import FeatureStore
+    from sae.evaluation import heldout_figures
+    from sae.io import read_json
 
-    metrics = _last_metrics(run_dir)
     report: dict[str, Any] = {"timings_s": timings, "dictionaries": {}}
     for member, path in dicts.items():
-        m = metrics.get(path.name, {})
+        # The held-out figures saved with the dictionary: the same ones `sae info` prints.
+        figures = heldout_figures(read_json(path / "cfg.json").get("provenance", {}))
         with FeatureStore.open(path / "analysis", readonly=True) as store:
             cards = [format_feature(store, fid) for fid in pick_features(store, cfg.show)]
-        report["dictionaries"][member] = {
-            "path": str(path),
-            "explained_variance": 1.0 - m["fvu"] if "fvu" in m else None,
-            "l0": m.get("l0"),
-            "dead_fraction": m.get("dead_fraction"),
-            "loss_recovered": m.get("eval/loss_recovered"),
-            "features": cards,
-        }
+        report["dictionaries"][member] = {"path": str(path), "eval": figures, "features": cards}
     if compare_json.is_file():
         report["comparison"] = json.loads(compare_json.read_text()).get("summary", {})
     return report
 
 
+def _width(figure: Any) -> int:
+    return max(len(figure.label), 7) + 2
+
+
 def format_report(report: dict[str, Any]) -> str:
-    def pct(v: float | None) -> str:
-        return "n/a" if v is None else f"{100 * v:.1f}%"
+    from sae.evaluation import FIGURES, format_figure
 
     lines = ["", "=" * 72, "demo report", "=" * 72]
+    evals: list[dict[str, Any]] = [d["eval"] for d in report["dictionaries"].values()]
+    first = evals[0] if evals else {}
     lines.append(
-        f"{'dictionary':<12} {'explained var':>14} {'L0':>8} {'dead':>8} {'loss rec.':>10}"
+        f"held-out evaluation on {int(first.get('eval_tokens', 0)):,} tokens not trained on"
     )
+    lines.append(f"{'dictionary':<12}" + "".join(f"{f.label:>{_width(f)}}" for f in FIGURES))
     for name, d in report["dictionaries"].items():
-        l0 = "n/a" if d["l0"] is None else f"{d['l0']:.1f}"
+        values = [format_figure(f, d["eval"].get(f.key)) for f in FIGURES]
         lines.append(
-            f"{name:<12} {pct(d['explained_variance']):>14} {l0:>8} "
-            f"{pct(d['dead_fraction']):>8} {pct(d['loss_recovered']):>10}"
+            f"{name:<12}"
+            + "".join(f"{v:>{_width(f)}}" for f, v in zip(FIGURES, values, strict=True))
         )
     if report.get("comparison"):
         summary = ", ".join(f"{k} {v:.3g}" for k, v in report["comparison"].items())

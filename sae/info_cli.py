@@ -65,6 +65,7 @@ def describe(d: Any) -> dict[str, Any]:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from sae.evaluation import heldout_figures, summary_line
     from sae.io import load_dictionary
 
     d = load_dictionary(args.path, subfolder=args.subfolder, revision=args.revision)
@@ -74,6 +75,8 @@ def run_info(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.path}")
     for key, value in facts.items():
+        if key == "provenance":
+            value = {k: v for k, v in value.items() if k != "eval"}
         if key in ("normalization", "provenance"):
             if not value:
                 continue
@@ -83,6 +86,7 @@ def run_info(args: argparse.Namespace) -> int:
         elif value is None:
             value = "-"
         print(f"  {key:<22} {value}")
+    print(f"  {'evaluation':<22} {summary_line(heldout_figures(d.cfg.provenance))}")
     return 0
 
 

@@ -15,7 +15,6 @@ one process at a time writes it.
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Any
 
 from sae.errors import UserError
@@ -53,12 +52,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="FIELD=V1,V2",
         help="train one dictionary per value (repeat for a grid), e.g. objective.k=16,32",
     )
-    parser.add_argument(
-        "--eval-contexts",
-        type=int,
-        default=0,
-        help="measure loss recovered on this many contexts of the cache's text with its model",
-    )
     add_dataclass_args(parser, TrainConfig)
     parser.set_defaults(func=run)
     return parser
@@ -85,46 +78,35 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
 
-    # The manifest's row count, rather than opening the whole cache twice to learn it.
-    _, manifest = open_manifest(args.cache, args.hook)
+    open_manifest(args.cache, args.hook)  # a missing cache or hook: one line, before the lock
     with own_run_folder(cfg.out_dir):
         prepare_run_folder(cfg.out_dir, resume=args.resume, overwrite=args.overwrite)
-        return _train(args, cfg, members, manifest)
+        return _train(args, cfg, members)
 
 
-def _train(args: argparse.Namespace, cfg: Any, members: list[Any], manifest: Any) -> int:
-    from activations.cache_format import CONFIG_FILE, read_cache_config
-    from activations.reader import CachedActivations
+def _train(args: argparse.Namespace, cfg: Any, members: list[Any]) -> int:
+    import os
+
+    from sae.evaluation import summary_line
+    from training.cache_source import cache_source
     from training.run_folder import check_resume_config, run_config
     from training.trainer import Trainer
 
-    epochs = max(1, math.ceil(cfg.total_tokens / max(1, int(manifest["n_tokens"]))))
-    # Every process reads the whole global batch and trains on its share (training/distributed.py).
-    reader = CachedActivations(
-        args.cache, args.hook, batch_size=cfg.batch_size, seed=cfg.seed, epochs=epochs
-    )
-    cache_cfg = read_cache_config(args.cache)
-    model_name = cache_cfg.get("model") if cache_cfg else None
+    main = int(os.environ.get("RANK", "0")) == 0
+    source = cache_source(cfg, args.cache, args.hook, main=main)
+    reader = source.reader
     for _, c in members:
         c.dictionary.hook_name = c.dictionary.hook_name or reader.hook_name
-        c.dictionary.model_name = c.dictionary.model_name or model_name
+        c.dictionary.model_name = c.dictionary.model_name or source.model_name
     if args.resume:
         configs = [c for _, c in members]
         check_resume_config(cfg.out_dir, run_config([n for n, _ in members], configs))
-
-    evaluator = None
-    if args.eval_contexts > 0:
-        if cache_cfg is None:
-            raise UserError(
-                f"--eval-contexts needs the cache's {CONFIG_FILE} to know the model and text"
-            )
-        evaluator = _lm_evaluator(cache_cfg, reader.hook_name, args.eval_contexts)
 
     trainer = Trainer(
         [c for _, c in members],
         reader.d_in,
         names=[n for n, _ in members],
-        evaluator=evaluator,
+        evaluator=source.evaluator,
         resume=args.resume,
     )
     result = trainer.fit(reader)
@@ -134,40 +116,7 @@ def _train(args: argparse.Namespace, cfg: Any, members: list[Any], manifest: Any
         print(f"interrupted at step {result.steps}; continue with the same command plus --resume")
         return 130
     for name, path in result.paths.items():
-        m = result.metrics.get(name, {})
-        summary = ", ".join(
-            f"{k} {m[k]:.4g}"
-            for k in ("fvu", "l0", "dead_fraction", "eval/loss_recovered")
-            if k in m
-        )
-        print(f"{name}: {path} ({summary})")
+        figures = result.dictionaries[name].cfg.provenance.get("eval", {})
+        print(f"{name}: {path}\n  {summary_line(figures)}")
     print(f"trained {result.tokens} tokens in {result.steps} steps; run folder {result.out_dir}")
     return 0
-
-
-def _lm_evaluator(cache_cfg: dict[str, Any], hook_name: str, n_contexts: int) -> Any:
-    """Loss recovered with the cache's model on the first contexts of the cache's text."""
-    import copy
-    import itertools
-
-    import torch
-
-    from activations.model import load_model
-    from activations.text import TextConfig, iter_contexts
-    from sae.dataclass_cli import from_dict
-    from training.evals import loss_recovered
-
-    model = load_model(cache_cfg["model"])
-    text_cfg = from_dict(TextConfig, cache_cfg["text"])
-    contexts = list(itertools.islice(iter_contexts(text_cfg, model.tokenizer), n_contexts))
-    if not contexts:
-        raise UserError("the cache's text yielded no contexts for the loss-recovered eval")
-    tokens = torch.tensor(contexts, dtype=torch.long)
-
-    def evaluate(dictionary: Any, scale: float) -> dict[str, float]:
-        # A copy on the model's device: the live dictionary may be training on another device.
-        d = copy.deepcopy(dictionary).to(tokens.device)
-        r = loss_recovered(model, d, hook_name, tokens, input_scale=scale)
-        return {k: float(v) for k, v in r.__dict__.items()}
-
-    return evaluate

@@ -176,7 +176,7 @@ class LoggingConfig:
     dense_threshold: float = 0.1
     """A feature firing on more than this fraction of tokens counts as dense."""
     eval_every_steps: int = 0
-    """Run the extra evals (e.g. loss recovered with the LM) every this many steps; 0 = end only."""
+    """Run the held-out evaluation every this many steps too (0: only at the end)."""
     wandb: bool = False
     """Log to Weights & Biases (set WANDB_MODE=offline to log with no account)."""
     wandb_project: str = "sae"
@@ -191,6 +191,28 @@ class LoggingConfig:
             raise ValueError("log_every_steps and density_window_tokens must be >= 1")
         if self.eval_every_steps < 0:
             raise ValueError("eval_every_steps must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: the final figures are measured on tokens the trainer never saw."""
+
+    tokens: int | None = None
+    """Held-out tokens. From a cache: its last whole contexts, not trained on (default
+    min(100,000, a tenth of the cache)). "Never fired" is counted over all of them."""
+    loss_recovered: bool = True
+    """Also splice the dictionary into the language model on the held-out contexts and
+    report loss recovered and KL (needs the model the activations came from)."""
+
+    def __post_init__(self) -> None:
+        if self.tokens is not None and self.tokens < 1:
+            raise ValueError("eval.tokens must be >= 1")
+
+    def resolved_tokens(self, available: int) -> int:
+        """Held-out tokens to take from `available` (the whole cache or text)."""
+        if self.tokens is not None:
+            return self.tokens
+        return max(1, min(100_000, available // 10))
 
 
 @dataclass
@@ -223,6 +245,8 @@ class TrainConfig:
     """Dead-feature resampling."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics, W&B, plots, progress bar."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
 
     def __post_init__(self) -> None:
         if self.total_tokens < 1 or self.batch_size < 1:
@@ -259,5 +283,6 @@ RUN_LEVEL_FIELDS = (
     "compile",
     "checkpoint_every_steps",
     "logging",
+    "eval",
 )
 """Fields every member of a sweep must share: they describe the one pass over the data."""

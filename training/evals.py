@@ -1,22 +1,19 @@
-"""How good is a dictionary: reconstruction, sparsity, feature density, and (with the language
-model) how much next-token loss survives splicing the reconstruction in.
+"""How good is a dictionary: reconstruction, sparsity and feature density of activation
+batches (the loss-recovered splice with the language model is in training/heldout.py).
 
 Batch metrics stay tensors until logged, so a training step never waits on the device.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
-from activations.hooks import run_with_edits
 from sae.base import Dictionary
 
 
@@ -127,67 +124,4 @@ def evaluate(d: Dictionary, batches: Iterable[Tensor], dense_threshold: float = 
         dead_fraction=summary["dead_fraction"],
         dense_fraction=summary["dense_fraction"],
         density=density,
-    )
-
-
-@dataclass
-class LossRecovered:
-    """Next-token loss with the dictionary spliced into the model, against its bounds."""
-
-    clean_loss: float
-    """Cross-entropy of the unmodified model."""
-    spliced_loss: float
-    """Cross-entropy with the hook's activation replaced by the reconstruction."""
-    zero_ablated_loss: float
-    """Cross-entropy with the hook's activation set to zero."""
-    loss_recovered: float
-    """(zero - spliced) / (zero - clean): 1 is perfect, 0 is no better than ablating."""
-    kl_div: float
-    """Mean KL(clean || spliced) of the next-token distributions, in nats."""
-
-
-def _next_token_ce(logits: Tensor, tokens: Tensor) -> float:
-    return float(
-        F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1)
-        )
-    )
-
-
-@torch.no_grad()
-def loss_recovered(
-    model: Any,
-    dictionary: Dictionary,
-    hook_name: str,
-    tokens: Int[Tensor, "B S"],
-    input_scale: float = 1.0,
-) -> LossRecovered:
-    """Splice the reconstruction into `model` at `hook_name` and measure what it costs.
-
-    `model` is a TransformerBridge, run through `activations.hooks.run_with_edits`.
-    `input_scale` is for a dictionary still in its training space (inputs multiplied by the
-    scale); a saved dictionary has it folded in and uses 1.0.
-    """
-
-    def splice(act: Tensor) -> Tensor:
-        flat = act.reshape(-1, act.shape[-1]).to(dictionary.dtype) * input_scale
-        x_hat = dictionary(flat).x_hat / input_scale
-        return x_hat.reshape(act.shape).to(act.dtype)
-
-    clean = run_with_edits(model, tokens, {})
-    spliced = run_with_edits(model, tokens, {hook_name: splice})
-    ablated = run_with_edits(model, tokens, {hook_name: torch.zeros_like})
-    ce_clean = _next_token_ce(clean, tokens)
-    ce_spliced = _next_token_ce(spliced, tokens)
-    ce_zero = _next_token_ce(ablated, tokens)
-    logp_clean = clean.float().log_softmax(-1)
-    logp_spliced = spliced.float().log_softmax(-1)
-    kl = float((logp_clean.exp() * (logp_clean - logp_spliced)).sum(-1).mean())
-    gap = ce_zero - ce_clean
-    return LossRecovered(
-        clean_loss=ce_clean,
-        spliced_loss=ce_spliced,
-        zero_ablated_loss=ce_zero,
-        loss_recovered=(ce_zero - ce_spliced) / gap if abs(gap) > 1e-12 else math.nan,
-        kl_div=kl,
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from training.sweep import check_sweep
 logger = logging.getLogger(__name__)
 
 Evaluator = Callable[[Dictionary, float], dict[str, float]]
-"""Extra eval run on a dictionary and its input scale (e.g. loss recovered with the LM)."""
+"""Held-out evaluation of a dictionary and its input scale (training.heldout.HeldOutEval)."""
 
 
 @dataclass
@@ -145,6 +145,8 @@ class Trainer:
             return self._finish()
         finally:
             self._log.close()
+            if isinstance(it, Generator):
+                it.close()  # stops the source's prefetch thread now, not at interpreter exit
 
     # -- named steps ---------------------------------------------------------------------------
     def _start(self, batches: BatchSource) -> Iterator[Tensor]:
@@ -262,10 +264,13 @@ class Trainer:
             d = m.final_dictionary(self.tokens)
             dictionaries[m.name] = d
             if self.dist.is_main:
+                if self.evaluator is not None:
+                    # The saved dictionary carries its held-out figures (sae.evaluation).
+                    figures = self.evaluator(d, 1.0)
+                    d.cfg.provenance = {**d.cfg.provenance, "eval": figures}
+                    self._log_eval(m.name, figures)
                 paths[m.name] = self.out_dir / m.name
                 d.save(paths[m.name])
-                if self.evaluator is not None:
-                    self._log_eval(m.name, self.evaluator(d, 1.0))
         if self.dist.is_main:
             densities = {
                 m.name: dens for m in self.members if (dens := m.density.current()) is not None

@@ -175,3 +175,30 @@ def test_readers_are_resumable_batch_sources(cache_dir):
 def test_batches_land_on_the_gpu(cache_dir):
     batch = next(iter(CachedActivations(cache_dir, HOOK, batch_size=64, device="cuda")))
     assert batch.device.type == "cuda" and batch.dtype == torch.float32
+
+
+def test_a_held_out_tail_of_whole_contexts_that_the_training_reader_never_reads(cache_dir):
+    from activations.contexts import cache_tail
+
+    shards = CacheShards(cache_dir, HOOK)
+    meta = [shards.meta_columns(i) for i in range(len(shards))]
+    seq = torch.cat([m["sequence"] for m in meta])
+    tok = torch.cat([m["token_ids"] for m in meta])
+    rows = torch.cat(shard_rows(cache_dir))
+    tail = cache_tail(cache_dir, HOOK, min_rows=450, fill_token=-1)  # cut inside shard 5
+    assert 450 <= len(tail.acts) < 450 + 32 and tail.start == N_ROWS - len(tail.acts)
+    assert seq[tail.start - 1] != seq[tail.start]  # no context is split
+    assert torch.equal(tail.acts, rows[tail.start :])
+    held_contexts = seq[tail.start :].unique()
+    assert tail.tokens.shape == (len(held_contexts), 32)
+    assert int(tail.valid.sum()) == len(tail.acts)
+    assert torch.equal(tail.tokens[tail.valid], tok[tail.start :].long())
+    assert (tail.tokens[~tail.valid] == -1).all()  # the BOS the cache dropped
+
+    reader = CachedActivations(
+        cache_dir, HOOK, batch_size=100, chunk_rows=64, rows=(0, tail.start), prefetch=0
+    )
+    seen = Counter(k for b in read(reader) for k in keys(b))
+    assert seen == Counter(keys(rows[: tail.start]))
+    with pytest.raises(UserError, match="too few to hold out"):
+        cache_tail(cache_dir, HOOK, min_rows=N_ROWS // 2, fill_token=0)

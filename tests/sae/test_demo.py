@@ -27,7 +27,7 @@ def test_demo_pipeline_end_to_end(tmp_path: Path) -> None:
     cmd = [
         sys.executable, "-m", "sae.cli", "demo", "--out", str(out),
         "--tokens", "24000", "--train-tokens", "24000", "--d-sae", "1024",
-        "--batch-size", "1024", "--analysis-tokens", "4000", "--eval-contexts", "4",
+        "--batch-size", "1024", "--analysis-tokens", "4000", "--eval-tokens", "2400",
         "--port", str(port),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
@@ -59,10 +59,9 @@ def test_demo_pipeline_end_to_end(tmp_path: Path) -> None:
     report = json.loads((out / "report.json").read_text())
     for member in ("relu_l1", "topk_auxk"):
         d = report["dictionaries"][member]
-        assert d["l0"] is not None and d["l0"] > 0
-        assert d["explained_variance"] is not None
-        assert d["loss_recovered"] is not None
+        assert d["eval"]["l0"] > 0 and d["eval"]["eval_tokens"] >= 2400
+        assert {"explained_variance", "dead_fraction", "loss_recovered"} <= set(d["eval"])
         assert d["features"], member  # plain-text feature cards made it into the report
-    assert report["dictionaries"]["topk_auxk"]["l0"] == pytest.approx(32, abs=1e-6)
+    assert report["dictionaries"]["topk_auxk"]["eval"]["l0"] == pytest.approx(32, abs=1e-6)
     # Every step left its artefact: a second run resumes with nothing to do.
     assert (out / "cache" / "blocks.0.mlp.hook_post" / "manifest.json").is_file()

@@ -52,7 +52,8 @@ def test_sae_train_from_a_cache_with_config_file_overrides_and_resume(cache, tmp
     )
     out = tmp_path / "run"
     argv = ["train", "--config", str(config), "--cache", str(cache), "--out-dir", str(out)]
-    code = main([*argv, "--objective.k", "4", "--eval-contexts", "2"])
+    argv += ["--eval.tokens", "200"]
+    code = main([*argv, "--objective.k", "4"])
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "dictionary:" in printed and "trained 1536 tokens in 12 steps" in printed
@@ -66,7 +67,14 @@ def test_sae_train_from_a_cache_with_config_file_overrides_and_resume(cache, tmp
     rows = read_metrics(out)
     final = [r for r in rows if "eval/loss_recovered" in r]
     assert final and {"eval/kl_div", "eval/clean_loss", "eval/spliced_loss"} <= set(final[-1])
-    # The reader spans epochs when total_tokens exceeds the cache (1536 > 1024 rows).
+    # The held-out figures are the same in metrics.jsonl, cfg.json and the printed summary.
+    figures = saved.cfg.provenance["eval"]
+    assert figures == {k[5:]: v for k, v in final[-1].items() if k.startswith("eval/")}
+    # 200 rows asked, cut back to a context boundary (32 tokens, BOS dropped: 31 rows each).
+    assert 200 <= figures["eval_tokens"] < 200 + 31
+    assert f"held-out {int(figures['eval_tokens']):,} tokens" in printed
+    assert f"loss recovered {100 * figures['loss_recovered']:.1f}%" in printed
+    # The reader spans epochs when total_tokens exceeds the training rows.
     assert max(r["tokens"] for r in rows) == 1536
 
     # --resume on a finished run continues from its last checkpoint: nothing left to do.

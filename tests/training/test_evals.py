@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sae.base import DictionaryConfig, build
-from training.evals import batch_metrics, evaluate, loss_recovered
+from training.evals import batch_metrics, evaluate
+from training.heldout import HeldOutContexts, HeldOutEval
 
 HOOK = "blocks.0.mlp.hook_post"
 
@@ -31,10 +32,27 @@ def identity_dictionary(d_in: int):
     return d
 
 
+def held_out(model, tokens, valid=None):
+    acts = torch.randn(64, model.cfg.d_mlp)
+    return HeldOutEval(
+        acts, model=model, hook_name=HOOK, contexts=HeldOutContexts(tokens, valid), context_batch=1
+    )
+
+
+class Figures:
+    def __init__(self, figures):
+        self.__dict__.update(figures)
+
+
 def test_loss_recovered_is_one_for_a_perfect_and_zero_for_an_empty_dictionary(model):
     torch.manual_seed(0)
-    tokens = torch.randint(0, model.cfg.d_vocab, (2, 16))
+    tokens = torch.randint(0, model.cfg.d_vocab, (3, 16))
     d_mlp = model.cfg.d_mlp
+    evaluator = held_out(model, tokens)
+
+    def loss_recovered(model, d, hook, tokens, input_scale=1.0):
+        return Figures(evaluator(d, input_scale))
+
     perfect = loss_recovered(model, identity_dictionary(d_mlp), HOOK, tokens)
     with torch.no_grad():
         reference = float(model(tokens, return_type="loss"))
@@ -60,6 +78,24 @@ def test_loss_recovered_is_one_for_a_perfect_and_zero_for_an_empty_dictionary(mo
     folded = loss_recovered(model, shrink, HOOK, tokens)
     assert in_training_space.spliced_loss == pytest.approx(folded.spliced_loss, rel=1e-5)
     assert folded.kl_div > 0  # it is not the identity any more
+
+
+def test_the_splice_leaves_positions_without_activations_alone(model):
+    """A cache that dropped BOS has no activation there: only valid positions are spliced."""
+    torch.manual_seed(1)
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 16))
+    empty = build(DictionaryConfig("relu", d_in=model.cfg.d_mlp, d_sae=8))
+    nothing = torch.zeros_like(tokens, dtype=torch.bool)
+    untouched = held_out(model, tokens, nothing)(empty)
+    assert untouched["spliced_loss"] == pytest.approx(untouched["clean_loss"], abs=1e-6)
+    assert untouched["kl_div"] == pytest.approx(0.0, abs=1e-7)
+    no_bos = nothing.clone()
+    no_bos[:, 1:] = True
+    partial = held_out(model, tokens, no_bos)(empty)
+    everywhere = held_out(model, tokens)(empty)
+    # Zero-ablation is masked the same way, so an empty dictionary still recovers nothing.
+    assert partial["loss_recovered"] == pytest.approx(0.0, abs=1e-3)
+    assert partial["zero_ablated_loss"] != pytest.approx(everywhere["zero_ablated_loss"], abs=1e-6)
 
 
 def test_batch_metrics_and_evaluate_match_hand_computation():

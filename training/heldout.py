@@ -1,0 +1,190 @@
+"""Held-out evaluation: the figures a user reads about a finished dictionary.
+
+Every final number (FVU, explained variance, MSE, L0, the fractions of features that never
+fire or fire densely, and with the language model the loss recovered and KL) is measured on
+activations the trainer never saw. `HeldOutEval` is the trainer's evaluator: called with a
+dictionary and its input scale, it returns those figures as a flat dict; the trainer logs them
+as `eval/*` and writes them into the saved dictionary's provenance (`provenance["eval"]`), and
+`sae.evaluation` prints them the same way everywhere.
+
+"Never fired" is counted over all `eval_tokens` held-out tokens: at 100,000 tokens a feature
+of density 1e-4 fires about 10 times, so a feature reported dead has density well below that.
+
+Where the held-out tokens come from:
+- a cache (`cache_holdout`): the last whole contexts of the cache, in stored order, at least
+  `EvalConfig.tokens` rows; `sae train --cache` trains only on the rows before them;
+- a model stream: contexts the training stream skips (activations/stream.py side).
+
+Loss recovered splices the reconstruction into the model at the hook on the held-out contexts
+(positions the cache left out, BOS, keep the model's own activation) and compares next-token
+loss with the clean and zero-ablated model: (zero - spliced) / (zero - clean).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from activations.hooks import run_with_edits
+from sae.base import Dictionary
+from training.evals import evaluate
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HeldOutContexts:
+    """Held-out contexts for the loss-recovered evaluation."""
+
+    tokens: Int[Tensor, "C S"]
+    """Token ids of each context."""
+    valid: Bool[Tensor, "C S"] | None = None
+    """Positions whose activation the held-out set holds (False: BOS the cache dropped); the
+    reconstruction is spliced in only there. None: every position."""
+
+
+class HeldOutEval:
+    """Evaluate a dictionary on held-out activations (and optionally the model's loss).
+
+    Callable as the trainer's evaluator: `(dictionary, input_scale) -> dict[str, float]`, where
+    `input_scale` is for a dictionary still in its training space (1.0 for a saved one).
+    """
+
+    def __init__(
+        self,
+        activations: Float[Tensor, "N D"],
+        *,
+        model: Any = None,
+        hook_name: str | None = None,
+        contexts: HeldOutContexts | None = None,
+        dense_threshold: float = 0.1,
+        batch_size: int = 8192,
+        context_batch: int = 16,
+    ) -> None:
+        if activations.ndim != 2 or activations.shape[0] == 0:
+            raise ValueError(f"held-out activations must be [N>0, d_in], got {activations.shape}")
+        if (model is None) != (contexts is None) or (model is not None and hook_name is None):
+            raise ValueError("loss recovered needs the model, its hook name and the contexts")
+        self.activations = activations
+        self.model = model
+        self.hook_name = hook_name
+        self.contexts = contexts
+        self.dense_threshold = dense_threshold
+        self.batch_size = batch_size
+        self.context_batch = context_batch
+        self._zero_loss: tuple[float, int] | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.activations.shape[0])
+
+    @torch.no_grad()
+    def __call__(self, dictionary: Dictionary, input_scale: float = 1.0) -> dict[str, float]:
+        was_training = dictionary.training
+        dictionary.eval()
+        try:
+            scaled = (
+                (x * input_scale for x in self.activations.split(self.batch_size))
+                if input_scale != 1.0
+                else self.activations.split(self.batch_size)
+            )
+            r = evaluate(dictionary, scaled, self.dense_threshold)
+            figures = {
+                "eval_tokens": float(self.n_tokens),
+                "fvu": r.fvu,
+                "explained_variance": r.explained_variance,
+                "mse": r.mse / input_scale**2,
+                "l0": r.l0,
+                "dead_fraction": r.dead_fraction,
+                "dense_fraction": r.dense_fraction,
+            }
+            if self.model is not None:
+                figures.update(self._loss_recovered(dictionary, input_scale))
+            return figures
+        finally:
+            dictionary.train(was_training)
+
+    # -- loss recovered ------------------------------------------------------------------------
+    def _loss_recovered(self, dictionary: Dictionary, input_scale: float) -> dict[str, float]:
+        assert self.contexts is not None and self.hook_name is not None
+        device = _model_device(self.model)
+        ce_clean = ce_spliced = kl = 0.0
+        n = 0
+        for tokens, valid in self._context_batches(device):
+            target = tokens[:, 1:]
+            splice = _splicer(dictionary, input_scale, valid)
+            clean = run_with_edits(self.model, tokens, {})[:, :-1].float().log_softmax(-1)
+            spliced = run_with_edits(self.model, tokens, {self.hook_name: splice})
+            spliced = spliced[:, :-1].float().log_softmax(-1)
+            ce_clean += float(_nll_sum(clean, target))
+            ce_spliced += float(_nll_sum(spliced, target))
+            kl += float((clean.exp() * (clean - spliced)).sum())
+            n += target.numel()
+        zero_sum, zero_n = self._zero_ablated(device)
+        clean_loss, spliced_loss, zero_loss = ce_clean / n, ce_spliced / n, zero_sum / zero_n
+        gap = zero_loss - clean_loss
+        return {
+            "clean_loss": clean_loss,
+            "spliced_loss": spliced_loss,
+            "zero_ablated_loss": zero_loss,
+            "loss_recovered": (zero_loss - spliced_loss) / gap if abs(gap) > 1e-12 else 0.0,
+            "kl_div": kl / n,
+        }
+
+    def _zero_ablated(self, device: torch.device) -> tuple[float, int]:
+        """Loss with the hook zeroed at the same positions: the same for every dictionary."""
+        assert self.hook_name is not None
+        if self._zero_loss is None:
+            total, n = 0.0, 0
+            for tokens, valid in self._context_batches(device):
+                zero = _masked(lambda act: torch.zeros_like(act), valid)
+                logits = run_with_edits(self.model, tokens, {self.hook_name: zero})
+                total += float(_nll_sum(logits[:, :-1].float().log_softmax(-1), tokens[:, 1:]))
+                n += tokens[:, 1:].numel()
+            self._zero_loss = (total, n)
+        return self._zero_loss
+
+    def _context_batches(self, device: torch.device) -> Any:
+        assert self.contexts is not None
+        tokens, valid = self.contexts.tokens, self.contexts.valid
+        for i in range(0, tokens.shape[0], self.context_batch):
+            t = tokens[i : i + self.context_batch].to(device)
+            v = None if valid is None else valid[i : i + self.context_batch].to(device)
+            yield t, v
+
+
+def _nll_sum(logp: Float[Tensor, "C S V"], target: Int[Tensor, "C S"]) -> Tensor:
+    return F.nll_loss(logp.reshape(-1, logp.shape[-1]), target.reshape(-1), reduction="sum")
+
+
+def _masked(edit: Any, valid: Tensor | None) -> Any:
+    """Apply `edit` to a hook activation [C, S, D] only where `valid` [C, S] is True."""
+    if valid is None:
+        return edit
+
+    def apply(act: Tensor) -> Tensor:
+        return torch.where(valid.unsqueeze(-1), edit(act), act)
+
+    return apply
+
+
+def _splicer(dictionary: Dictionary, input_scale: float, valid: Tensor | None) -> Any:
+    def reconstruct(act: Tensor) -> Tensor:
+        flat = act.reshape(-1, act.shape[-1]).to(dictionary.device, dictionary.dtype)
+        x_hat = dictionary(flat * input_scale).x_hat / input_scale
+        return x_hat.reshape(act.shape).to(act.device, act.dtype)
+
+    return _masked(reconstruct, valid)
+
+
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
