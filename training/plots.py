@@ -63,3 +63,31 @@ def draw_plots(out_dir: Path, densities: dict[str, torch.Tensor]) -> list[Path]:
     written.append(_save(fig, plots / "feature_density.png"))
     plt.close(fig)
     return written
+
+
+def draw_frontier(out_dir: Path, figures: dict[str, dict[str, float]]) -> Path | None:
+    """plots/frontier.png: held-out loss recovered (or explained variance, without the
+    model) against L0, one point per sweep member: the sparsity/fidelity trade-off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "loss_recovered" if all("loss_recovered" in f for f in figures.values()) else None
+    key = key or "explained_variance"
+    points = {m: (f["l0"], f[key]) for m, f in figures.items() if "l0" in f and key in f}
+    if len(points) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, (l0, y) in sorted(points.items(), key=lambda kv: kv[1][0]):
+        ax.scatter([l0], [100 * y], s=18)
+        ax.annotate(m, (l0, 100 * y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    tokens = next(iter(figures.values())).get("eval_tokens", 0)
+    ax.set_xscale("log")
+    ax.set_xlabel("L0 (active features per token, held out)")
+    ax.set_ylabel(f"{key.replace('_', ' ')} (%)")
+    ax.set_title(f"held-out frontier ({int(tokens):,} tokens)", fontsize=9)
+    ax.grid(alpha=0.3)
+    path = _save(fig, Path(out_dir) / "plots" / "frontier.png")
+    plt.close(fig)
+    return path

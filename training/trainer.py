@@ -278,9 +278,14 @@ class Trainer:
             for name, density in densities.items():
                 self._log.log_histogram(name, density, self.step, len(self.members) > 1)
             if self.cfg.logging.plots:
-                from training.plots import draw_plots
+                from training.plots import draw_frontier, draw_plots
 
                 draw_plots(self.out_dir, densities)
+                draw_frontier(
+                    self.out_dir,
+                    {n: d.cfg.provenance["eval"] for n, d in dictionaries.items()
+                     if "eval" in d.cfg.provenance},
+                )  # fmt: skip
         return self._result(interrupted=False, dictionaries=dictionaries, paths=paths)
 
     def _result(self, interrupted: bool, dictionaries: dict, paths: dict) -> TrainResult:

@@ -328,3 +328,19 @@ def test_two_concurrent_sae_train_processes_one_is_refused(cache, tmp_path, caps
     finally:
         first.kill()
         first.wait()
+
+
+def test_a_sweep_draws_the_held_out_frontier_of_its_members(cache, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = [*SMALL[:-4], "--checkpoint-every-steps", "0", "--logging.plots", "true"]
+    argv += ["--objective.name", "topk_auxk", "--sweep", "objective.k=2,8", "--eval.tokens", "150"]
+    assert main(["train", "--cache", str(cache), "--out-dir", str(out), *argv]) == 0
+    printed = capsys.readouterr().out
+    l0 = {}
+    for k in (2, 8):
+        figures = Dictionary.load(out / f"k={k}").cfg.provenance["eval"]
+        l0[k] = figures["l0"]
+        assert f"loss recovered {100 * figures['loss_recovered']:.1f}%" in printed
+    assert l0 == {2: pytest.approx(2.0), 8: pytest.approx(8.0)}
+    png = out / "plots" / "frontier.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
