@@ -52,9 +52,10 @@ def cache_source(
     fill = 0
     if main and want_loss:
         from activations.model import load_model
+        from activations.text import special_ids
 
         model = load_model(str(model_name))
-        fill = int(model.tokenizer.bos_token_id or 0)
+        fill = special_ids(model.tokenizer)[0]  # each context starts with it (the BOS row)
     tail = cache_tail(path, shards.hook_name, n_eval, fill)
     train_rows = tail.start
     epochs = max(1, math.ceil(cfg.total_tokens / train_rows))

@@ -65,3 +65,57 @@ def test_demo_pipeline_end_to_end(tmp_path: Path) -> None:
     assert report["dictionaries"]["topk_auxk"]["eval"]["l0"] == pytest.approx(32, abs=1e-6)
     # Every step left its artefact: a second run resumes with nothing to do.
     assert (out / "cache" / "blocks.0.mlp.hook_post" / "manifest.json").is_file()
+    for member in ("relu_l1", "topk_auxk"):
+        reported = report["dictionaries"][member]["eval"]
+        again = recompute(out / "cache" / HOOK, Path(report["dictionaries"][member]["path"]),
+                          int(reported["eval_tokens"]))  # fmt: skip
+        assert again["dead_fraction"] == pytest.approx(reported["dead_fraction"], abs=1e-9)
+        assert again["l0"] == pytest.approx(reported["l0"], rel=1e-4)
+        assert again["loss_recovered"] == pytest.approx(reported["loss_recovered"], abs=2e-3)
+
+
+HOOK = "blocks.0.mlp.hook_post"
+
+
+def recompute(hook_dir: Path, dictionary: Path, n_rows: int) -> dict[str, float]:
+    """The report's held-out figures from the saved files alone: the cache's last `n_rows`
+    rows (read with safetensors, not our reader), the dictionary through `Dictionary.load`,
+    the model through `load_model` and TransformerLens's own hooks (not ours)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from activations.model import load_model
+    from sae import Dictionary
+
+    manifest = json.loads((hook_dir / "manifest.json").read_text())
+    shards = [load_file(hook_dir / s["file"]) for s in manifest["shards"]]
+    cols = {k: torch.cat([s[k] for s in shards])[-n_rows:]
+            for k in ("activations", "token_ids", "sequence", "position")}  # fmt: skip
+    d = Dictionary.load(dictionary)
+    model = load_model("stdlib-1l-512")
+    with torch.no_grad():
+        codes = d.encode(cols["activations"].float())
+    dead = float(((codes > 0).sum(0) == 0).float().mean())
+    l0 = float((codes > 0).sum(-1).float().mean())
+
+    # Whole contexts: BOS (the row the cache drops) at position 0, then the cached tokens.
+    seqs, ctx = torch.unique_consecutive(cols["sequence"], return_inverse=True)
+    tokens = torch.full((len(seqs), int(manifest["context_size"])), model.tokenizer.bos_token_id)
+    tokens[ctx, cols["position"].long()] = cols["token_ids"].long()
+    keep = torch.zeros(tokens.shape, dtype=torch.bool)
+    keep[ctx, cols["position"].long()] = True
+
+    def loss(edit):
+        def hook(act, hook):
+            return torch.where(keep[..., None], edit(act), act)
+
+        with torch.no_grad():
+            logits = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, hook)] if edit else [])
+        logp = logits[:, :-1].log_softmax(-1)
+        return float(-logp.gather(-1, tokens[:, 1:, None]).mean())
+
+    with torch.no_grad():
+        clean = loss(None)
+        zero = loss(torch.zeros_like)
+        spliced = loss(lambda a: d(a.reshape(-1, a.shape[-1])).x_hat.reshape(a.shape))
+    return {"dead_fraction": dead, "l0": l0, "loss_recovered": (zero - spliced) / (zero - clean)}
