@@ -20,6 +20,7 @@ from fastapi import Path as PathParam
 from analysis.store import DB_NAME, FeatureStore, resolve_store_dir
 from sae.base import Dictionary
 from sae.errors import UserError
+from sae.evaluation import heldout_figures, summary_line
 from server.errors import ApiError, not_found
 from server.schemas import ADDRESS_RE, DictionaryInfo
 from server.settings import ServerSettings, spec_name, spec_path
@@ -68,6 +69,7 @@ class ServedDictionary:
                 "created_at": m.created_at,
                 "generation": m.generation,
             }
+        figures = heldout_figures(cfg.provenance)
         return DictionaryInfo(
             name=self.name,
             architecture=cfg.architecture,
@@ -77,6 +79,8 @@ class ServedDictionary:
             model_name=cfg.model_name,
             has_analysis=analysis is not None,
             analysis=analysis,
+            evaluation=figures or None,
+            evaluation_summary=summary_line(figures) if figures else None,
         )
 
 

@@ -63,6 +63,14 @@ class DictionaryInfo(BaseModel):
     analysis: dict[str, Any] | None = Field(
         default=None, description="Feature-store metadata (tokens analysed, ...)."
     )
+    evaluation: dict[str, float] | None = Field(
+        default=None,
+        description="Held-out figures saved with the dictionary by `sae train` (eval_tokens, "
+        "explained_variance, fvu, l0, dead_fraction, dense_fraction, loss_recovered, kl_div).",
+    )
+    evaluation_summary: str | None = Field(
+        default=None, description="The same figures as one line, as `sae info` prints them."
+    )
 
 
 class DictionaryListResponse(BaseModel):

@@ -100,6 +100,11 @@ async function showList(dict, offset, order = "feature_id") {
   select.value = order;
   select.addEventListener("change", () => { location.hash = href(0, select.value); });
   view.querySelector("h1").after(el("label", {}, "order by ", select));
+  // The held-out figures saved with the dictionary: the line `sae info` prints.
+  const info = dictionaries.find((d) => d.name === dict);
+  if (info && info.evaluation_summary) {
+    view.querySelector("h1").after(el("p", { class: "evaluation", text: info.evaluation_summary }));
+  }
 }
 
 function renderFeaturePage(title, page, hrefFor) {

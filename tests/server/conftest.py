@@ -56,6 +56,18 @@ def served_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+HELD_OUT = {
+    "eval_tokens": 5000.0,
+    "explained_variance": 0.8125,
+    "fvu": 0.1875,
+    "l0": 12.5,
+    "dead_fraction": 0.0078125,
+    "dense_fraction": 0.0,
+    "loss_recovered": 0.9375,
+    "kl_div": 0.0625,
+}
+
+
 @pytest.fixture(scope="session")
 def dict_dirs(served_lm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """`mlp0`: analysed (feature store next to it); `bare`: no analysis."""
@@ -73,6 +85,8 @@ def dict_dirs(served_lm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     out = {}
     for name, seed in (("mlp0", 0), ("bare", 1)):
         d = random_relu(served_lm_dir, seed)
+        if name == "mlp0":  # held-out figures as `sae train` saves them
+            d.cfg.provenance = {"eval": HELD_OUT}
         d.save(root / name)
         out[name] = root / name
     model = load_model(str(served_lm_dir))

@@ -11,7 +11,8 @@ import httpx
 import pytest
 import torch
 
-from tests.server.conftest import API_KEY, HOOK
+from sae.evaluation import summary_line
+from tests.server.conftest import API_KEY, HELD_OUT, HOOK
 from tests.server.helpers import assert_error
 
 TEXT = "import os\nprint(os.getcwd())\n"
@@ -28,6 +29,10 @@ def test_dictionaries(client: httpx.Client) -> None:
     assert set(ds) == {"mlp0", "bare"}
     assert ds["mlp0"]["has_analysis"] and ds["mlp0"]["analysis"]["n_top"] == 12
     assert not ds["bare"]["has_analysis"] and ds["bare"]["analysis"] is None
+    # The held-out figures saved with the dictionary, and the line `sae info` prints.
+    assert ds["mlp0"]["evaluation"] == HELD_OUT and ds["bare"]["evaluation"] is None
+    assert ds["mlp0"]["evaluation_summary"] == summary_line(HELD_OUT)
+    assert "never fired 0.8%" in ds["mlp0"]["evaluation_summary"]
     one = client.get("/api/dictionaries/bare").json()
     assert one == ds["bare"] and one["d_sae"] == 128 and one["hook_name"] == HOOK
     assert_error(client.get("/api/dictionaries/nope"), 404, "not_found")
