@@ -206,3 +206,26 @@ def test_export_command(
     for name, t in a.state_dict().items():
         assert torch.equal(b.state_dict()[name], t)
     assert "wrote topk dictionary" in capsys.readouterr().out
+
+
+def test_info_prints_the_held_out_figures_saved_with_the_dictionary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sae.evaluation import summary_line
+
+    d = random_dictionary("relu")
+    figures = {"eval_tokens": 100_000.0, "explained_variance": 0.794, "l0": 21.5,
+               "dead_fraction": 0.0041, "loss_recovered": 0.912, "kl_div": 0.05}  # fmt: skip
+    d.cfg.provenance = {"objective": "relu_l1", "eval": figures}
+    d.save(tmp_path / "d")
+    assert main(["info", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    line = summary_line(figures)
+    assert f"evaluation             {line}" in out
+    assert line == (
+        "held-out 100,000 tokens: explained variance 79.4%, L0 21.5, never fired 0.4%, "
+        "loss recovered 91.2%, KL 0.05"
+    )
+    assert "eval=" not in out  # printed once, as the line, not again inside provenance
+    assert main(["info", str(tmp_path / "d"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["provenance"]["eval"] == figures
