@@ -139,30 +139,39 @@ class OptimConfig:
 
 @dataclass
 class ResampleConfig:
-    """Dead-feature resampling exactly as in Towards Monosemanticity (Bricken et al. 2023)."""
+    """Dead-feature resampling as in Towards Monosemanticity (Bricken et al. 2023, appendix
+    "Neuron Resampling")."""
 
     enabled: bool | None = None
     """Resample dead features (default: on for the L1 objectives, off for the others)."""
+    count: int = 4
+    """Resampling points, evenly spaced after the sparsity warm-up: the stretch from its end to
+    stop_fraction is cut into count + 1 equal parts and resampling happens at the inner cuts, so
+    the first part is the first window and the last point lies before the stop."""
     every_tokens: int | None = None
-    """Resample at every multiple of this many tokens (default: 4 times in the first half)."""
+    """Instead of count points: resample at every multiple of this many tokens before the stop."""
     window_tokens: int | None = None
-    """A feature is dead if it has not fired for this many tokens (default every_tokens)."""
+    """A feature is dead if it has not fired for this many tokens (default: the spacing of the
+    points)."""
     stop_fraction: float = 0.5
-    """No resampling after this fraction of training, so revived features can settle."""
-    pool_batches: int = 4
-    """Recent batches kept as candidate replacement inputs."""
+    """No resampling point at or after this fraction of training, so revived features settle."""
+    sample_tokens: int = 131_072
+    """Activations scored at each point to draw replacement inputs from, taken as random rows of
+    every batch in the stretch of training just before it (Bricken et al. scored 819,200)."""
     encoder_scale: float = 0.2
     """New encoder rows get this times the mean encoder norm of alive features."""
 
     def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError("resample.count must be >= 1")
         if self.every_tokens is not None and self.every_tokens < 1:
             raise ValueError("every_tokens must be >= 1")
         if self.window_tokens is not None and self.window_tokens < 1:
             raise ValueError("window_tokens must be >= 1")
         if not 0 <= self.stop_fraction <= 1:
             raise ValueError("stop_fraction must be in [0, 1]")
-        if self.pool_batches < 1:
-            raise ValueError("pool_batches must be >= 1")
+        if self.sample_tokens < 1:
+            raise ValueError("sample_tokens must be >= 1")
 
 
 @dataclass
@@ -171,8 +180,10 @@ class LoggingConfig:
 
     log_every_steps: int = 50
     """Write training metrics every this many steps."""
-    density_window_tokens: int = 1_000_000
-    """Feature density (dead/dense fractions, histogram) is measured over windows this long."""
+    density_window_tokens: int | None = None
+    """Feature density (dead/dense fractions, histogram) is measured over a trailing window of
+    this many tokens after the sparsity warm-up (default: a quarter of the tokens after the
+    warm-up, at most 1,000,000); rows before it fills report only density_tokens."""
     dense_threshold: float = 0.1
     """A feature firing on more than this fraction of tokens counts as dense."""
     eval_every_steps: int = 0
@@ -187,8 +198,10 @@ class LoggingConfig:
     """Show a tqdm progress bar with the key numbers."""
 
     def __post_init__(self) -> None:
-        if self.log_every_steps < 1 or self.density_window_tokens < 1:
-            raise ValueError("log_every_steps and density_window_tokens must be >= 1")
+        if self.log_every_steps < 1:
+            raise ValueError("log_every_steps must be >= 1")
+        if self.density_window_tokens is not None and self.density_window_tokens < 1:
+            raise ValueError("density_window_tokens must be >= 1")
         if self.eval_every_steps < 0:
             raise ValueError("eval_every_steps must be >= 0")
 
@@ -263,15 +276,42 @@ class TrainConfig:
             return self.resample.enabled
         return OBJECTIVES[self.objective.name].sparsity_penalty == "l1"
 
-    def resample_every_tokens(self) -> int:
-        # Towards Monosemanticity resampled 4 times, early; by default we do the same,
-        # spread evenly over the first stop_fraction of training.
+    def sparsity_warmup_tokens(self) -> int:
+        """Tokens of the sparsity penalty's linear ramp (0 for objectives without one)."""
+        if OBJECTIVES[self.objective.name].sparsity_penalty == "none":
+            return 0
+        return int(self.objective.l1_warmup_fraction * self.total_steps) * self.batch_size
+
+    def density_window_tokens(self) -> int:
+        if self.logging.density_window_tokens is not None:
+            return self.logging.density_window_tokens
+        after_warmup = self.total_tokens - self.sparsity_warmup_tokens()
+        return max(1, min(1_000_000, after_warmup // 4))
+
+    def _resample_spacing(self) -> int:
+        """Tokens between resampling points."""
         if self.resample.every_tokens is not None:
             return self.resample.every_tokens
-        return max(1, int(self.total_tokens * self.resample.stop_fraction / 4))
+        span = int(self.resample.stop_fraction * self.total_tokens) - self.sparsity_warmup_tokens()
+        return max(0, span // (self.resample.count + 1))
+
+    def resample_points(self) -> list[int]:
+        """Token counts at which dead features are resampled (a step resamples when it reaches
+        one), all before stop_fraction of training. Bricken et al. resampled at 4 points, each
+        judging features dead over the stretch since the previous one."""
+        if not self.resample_enabled():
+            return []
+        stop = self.resample.stop_fraction * self.total_tokens
+        spacing = self._resample_spacing()
+        if spacing < 1:
+            return []
+        if self.resample.every_tokens is not None:
+            return list(range(spacing, math.ceil(stop), spacing))
+        start = self.sparsity_warmup_tokens()
+        return [start + i * spacing for i in range(1, self.resample.count + 1)]
 
     def resample_window_tokens(self) -> int:
-        return self.resample.window_tokens or self.resample_every_tokens()
+        return self.resample.window_tokens or max(1, self._resample_spacing())
 
 
 RUN_LEVEL_FIELDS = (

@@ -1,5 +1,6 @@
 """How good is a dictionary: reconstruction, sparsity and feature density of activation
-batches (the loss-recovered splice with the language model is in training/heldout.py).
+batches (the loss-recovered splice with the language model is in training/heldout.py; the
+training-time density window is in training/density.py).
 
 Batch metrics stay tensors until logged, so a training step never waits on the device.
 """
@@ -8,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from sae.base import Dictionary
+from training.density import density_summary
 
 
 def batch_metrics(x: Float[Tensor, "B D"], x_hat: Float[Tensor, "B D"], f: Tensor) -> dict:
@@ -28,51 +29,6 @@ def batch_metrics(x: Float[Tensor, "B D"], x_hat: Float[Tensor, "B D"], f: Tenso
         "explained_variance": 1.0 - fvu,
         "fvu": fvu,
         "l0": (f != 0).float().sum(-1).mean(),
-    }
-
-
-class DensityTracker:
-    """Fraction of tokens each feature fires on, over consecutive windows of tokens."""
-
-    def __init__(self, d_sae: int, device: torch.device, window_tokens: int) -> None:
-        self.window_tokens = window_tokens
-        self.counts = torch.zeros(d_sae, device=device)
-        self.tokens = 0
-        self.last: Tensor | None = None
-        """Density of each feature over the last completed window (None before the first)."""
-
-    def update(self, fired_counts: Float[Tensor, " F"], n_tokens: int) -> None:
-        self.counts += fired_counts
-        self.tokens += n_tokens
-        if self.tokens >= self.window_tokens:
-            self.last = (self.counts / self.tokens).cpu()
-            self.counts.zero_()
-            self.tokens = 0
-
-    def current(self) -> Tensor | None:
-        """The last completed window, or the partial one if none has completed yet."""
-        if self.last is not None:
-            return self.last
-        if self.tokens == 0:
-            return None
-        return (self.counts / self.tokens).cpu()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"counts": self.counts.clone(), "tokens": self.tokens, "last": self.last}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.counts.copy_(state["counts"])
-        self.tokens = int(state["tokens"])
-        self.last = state["last"]
-
-
-def density_summary(density: Float[Tensor, " F"], dense_threshold: float = 0.1) -> dict:
-    """Dead fraction (never fired in the window), dense fraction, and log10-density quantiles."""
-    log_d = torch.log10(density.clamp_min(1e-10))
-    return {
-        "dead_fraction": float((density == 0).float().mean()),
-        "dense_fraction": float((density > dense_threshold).float().mean()),
-        "log10_density_median": float(log_d.median()),
     }
 
 

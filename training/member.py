@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,11 +18,12 @@ from torch import Tensor
 
 from sae.base import Dictionary, build
 from training.config import TrainConfig
+from training.density import DensityTracker, FiringTracker, density_row
 from training.distributed import DistInfo, all_reduce_, average_gradients
-from training.evals import DensityTracker, batch_metrics
+from training.evals import batch_metrics
 from training.initialization import geometric_median
 from training.objectives import OBJECTIVES, StepContext
-from training.resampling import FiringTracker, resample_dead_features
+from training.resampling import ResampleSample, RevivalWatch, crossed, resample_dead_features
 from training.schedules import L0Controller, lr_factor, sparsity_warmup_factor
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,12 @@ class Member:
             fused=device.type in ("cuda", "cpu"),
         )
         self.firing = FiringTracker(d_sae, device)
-        self.density = DensityTracker(d_sae, device, cfg.logging.density_window_tokens)
+        self.density = DensityTracker(
+            d_sae, device, cfg.density_window_tokens(), cfg.sparsity_warmup_tokens()
+        )
+        self.resample_points = cfg.resample_points()
+        self.revival = RevivalWatch(d_sae, device, cfg.resample_window_tokens())
+        self._event_row: dict[str, float] = {}
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.coefficient = cfg.objective.l1_coefficient
         self.scale = 1.0
@@ -87,7 +92,7 @@ class Member:
         return self.coefficient * warm
 
     def train_step(
-        self, x: Tensor, step: int, global_tokens: int, want_metrics: bool
+        self, x: Tensor, step: int, global_tokens: int, want_metrics: bool, tokens_before: int = 0
     ) -> dict[str, Tensor | float]:
         """Forward, backward, all-reduce, constrain, clip, Adam step, counters."""
         cfg = self.cfg
@@ -118,7 +123,8 @@ class Member:
         f = res.out.feature_acts.detach()
         fired = all_reduce_((f != 0).sum(0).float(), self.dist)
         self.firing.update(fired > 0, global_tokens)
-        self.density.update(fired, global_tokens)
+        self.density.update(fired, global_tokens, tokens_before)
+        self.revival.observe(fired > 0, global_tokens)
         self._steer(step, fired, global_tokens)
         if not want_metrics:
             return {}
@@ -162,18 +168,26 @@ class Member:
         self.coefficient = controller.update(float(l0))
 
     # -- resampling ----------------------------------------------------------------------------
-    def maybe_resample(self, tokens_before: int, tokens_after: int, pool: Sequence[Tensor]) -> int:
-        """Resample dead features if a scheduled point was crossed this step; returns count."""
+    def maybe_resample(self, tokens_before: int, tokens_after: int, sample: ResampleSample) -> int:
+        """Resample dead features if this step reached a resampling point; returns the count.
+
+        Also closes the watch on the previous point's features once a window has passed."""
+        revived = self.revival.close_if_done(force=crossed(self.resample_points, tokens_before,
+                                                           tokens_after))  # fmt: skip
+        if revived is not None:
+            self._event_row["resample/revived"] = float(revived)
+            logger.info(
+                "%s: %d of the features resampled last fired within %d tokens",
+                self.name, revived, self.revival.tokens,
+            )  # fmt: skip
+        if not crossed(self.resample_points, tokens_before, tokens_after):
+            return 0
+        inputs = sample.rows()
+        if inputs is None:
+            logger.warning("%s: no activations gathered to resample from", self.name)
+            return 0
         cfg = self.cfg
-        if not cfg.resample_enabled() or not pool:
-            return 0
-        every = cfg.resample_every_tokens()
-        if tokens_after // every == tokens_before // every:
-            return 0
-        if tokens_after > cfg.resample.stop_fraction * cfg.total_tokens:
-            return 0
         dead = self.firing.dead(cfg.resample_window_tokens())
-        inputs = torch.cat(list(pool)).to(self.device, torch.float32) * self.scale
         ids = resample_dead_features(
             self.dictionary,
             self.optimizer,
@@ -181,11 +195,30 @@ class Member:
             inputs,
             self.generator,
             encoder_scale=cfg.resample.encoder_scale,
+            input_scale=self.scale,
+            sparsity_coefficient=self.coefficient if self.objective.sparsity_penalty == "l1" else 0,
         )
+        n = int(ids.numel())
         # A revived feature gets a full window before it can be judged dead again.
         self.firing.tokens_since_fired[ids] = 0
-        self.n_resampled += int(ids.numel())
-        return int(ids.numel())
+        self.n_resampled += n
+        self.revival.start(ids)
+        self._event_row.update({"resample/dead": float(n), "resample/resampled": float(n)})
+        logger.info(
+            "%s: resampled %d dead feature(s) of %d at %d tokens (dead: no firing in %d tokens; "
+            "%d candidate inputs)",
+            self.name, n, self.dictionary.d_sae, tokens_after, cfg.resample_window_tokens(),
+            inputs.shape[0],
+        )  # fmt: skip
+        return n
+
+    def log_row(self, dense_threshold: float) -> dict[str, float]:
+        """Density over the trailing window, and resampling events since the last row."""
+        row = density_row(self.density, dense_threshold)
+        row.update(self._event_row)
+        row["resampled_features"] = float(self.n_resampled)
+        self._event_row = {}
+        return row
 
     # -- end -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -211,6 +244,8 @@ class Member:
             "optimizer": self.optimizer.state_dict(),
             "firing": self.firing.state_dict(),
             "density": self.density.state_dict(),
+            "revival": self.revival.state_dict(),
+            "event_row": dict(self._event_row),
             "generator": self.generator.get_state(),
             "coefficient": self.coefficient,
             "scale": self.scale,
@@ -223,6 +258,8 @@ class Member:
         self.optimizer.load_state_dict(state["optimizer"])
         self.firing.load_state_dict(state["firing"])
         self.density.load_state_dict(state["density"])
+        self.revival.load_state_dict(state["revival"])
+        self._event_row = dict(state["event_row"])
         self.generator.set_state(state["generator"])
         self.coefficient = float(state["coefficient"])
         self.scale = float(state["scale"])

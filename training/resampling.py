@@ -1,23 +1,33 @@
-"""Dead-feature resampling, as in "Towards Monosemanticity" (Bricken et al. 2023, Appendix
-"Neuron Resampling"), and the firing tracker that decides which features are dead.
+"""Dead-feature resampling, as in "Towards Monosemanticity" (Bricken et al. 2023, appendix
+"Neuron Resampling").
 
-At each scheduled point, a feature that has not fired for `window_tokens` tokens is dead.
-For each dead feature:
-  1. draw an input with probability proportional to the square of the dictionary's
-     reconstruction loss on it (inputs the dictionary explains worst are likeliest);
-  2. decoder row  <- that input, normalised to unit norm;
-  3. encoder row  <- the same direction, scaled to 0.2 x the mean encoder norm of alive features;
-  4. encoder bias <- 0;
-  5. Adam's moments (exp_avg, exp_avg_sq) of the touched rows/columns <- 0, so stale momentum
+At each scheduled point (TrainConfig.resample_points), a feature that has not fired for
+`window_tokens` tokens is dead. For each dead feature:
+  1. score a large random sample of activations by the autoencoder's loss on each,
+     ||x - x_hat||^2 + l1 * sum_i f_i ||W_dec,i|| (the training loss, per input);
+  2. draw an input with probability proportional to the square of that loss;
+  3. decoder row  <- that input, normalised to unit norm;
+  4. encoder row  <- the same direction, scaled to 0.2 x the mean encoder norm of alive features;
+  5. encoder bias <- 0;
+  6. Adam's moments (exp_avg, exp_avg_sq) of the touched rows/columns <- 0, so stale momentum
      from the dead feature does not push the fresh one around.
-The window is counted in tokens, not steps, so it means the same thing at any batch size and
-under data parallelism (where each process sees a share of each batch).
+"The input" is taken as the encoder sees it, x - b_dec (the paper's autoencoder subtracts the
+decoder bias before encoding and adds it back after decoding): the new feature then fires on
+the input it was drawn from, which with the raw x it need not when b_dec is large, as for MLP
+activations with a large mean.
+
+The sample is `sample_tokens` random rows of the batches in the stretch just before each point
+(Bricken et al. scored 819,200 inputs), not the last few batches, whose handful of contexts
+would hand many dead features near-copies of the same tokens. Windows are counted in tokens,
+not steps, so they mean the same at any batch size and under data parallelism.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -26,37 +36,31 @@ from torch import Tensor
 
 from sae.base import Dictionary
 
+if TYPE_CHECKING:
+    from training.config import TrainConfig
+
 logger = logging.getLogger(__name__)
 
 
-class FiringTracker:
-    """Tokens since each feature last fired (on any process)."""
-
-    def __init__(self, d_sae: int, device: torch.device) -> None:
-        self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
-
-    def update(self, fired: Bool[Tensor, " F"], n_tokens: int) -> None:
-        self.tokens_since_fired += n_tokens
-        self.tokens_since_fired.masked_fill_(fired, 0)
-
-    def dead(self, window_tokens: int) -> Bool[Tensor, " F"]:
-        return self.tokens_since_fired >= window_tokens
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"tokens_since_fired": self.tokens_since_fired.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.tokens_since_fired.copy_(state["tokens_since_fired"])
-
-
 @torch.no_grad()
-def reconstruction_losses(
-    d: Dictionary, inputs: Float[Tensor, "N D"], chunk: int = 8192
+def resample_losses(
+    d: Dictionary,
+    inputs: Float[Tensor, "N D"],
+    input_scale: float = 1.0,
+    sparsity_coefficient: float = 0.0,
+    chunk: int = 8192,
 ) -> Float[Tensor, " N"]:
-    """||x - x_hat||^2 for each input."""
-    out = [
-        (d(x).x_hat - x).pow(2).sum(-1).float() for x in inputs.split(chunk)
-    ]  # chunked: the pool may be larger than one batch
+    """The autoencoder's loss on each input: ||x - x_hat||^2 + coefficient * sum_i f_i
+    ||W_dec,i||, on CPU in float64 (`inputs` raw, any device and dtype; scaled in chunks)."""
+    row_norms = d.W_dec.norm(dim=-1)
+    out = []
+    for x in inputs.split(chunk):
+        x = x.to(d.device, torch.float32) * input_scale
+        res = d(x)
+        loss = (res.x_hat - x).pow(2).sum(-1)
+        if sparsity_coefficient:
+            loss = loss + sparsity_coefficient * (res.feature_acts.abs() @ row_norms)
+        out.append(loss.double().cpu())
     return torch.cat(out)
 
 
@@ -79,25 +83,27 @@ def resample_dead_features(
     inputs: Float[Tensor, "N D"],
     generator: torch.Generator,
     encoder_scale: float = 0.2,
+    input_scale: float = 1.0,
+    sparsity_coefficient: float = 0.0,
 ) -> Int[Tensor, " R"]:
     """Re-initialise every dead feature from poorly reconstructed inputs; returns their ids.
 
-    `generator` is a CPU generator so the draws are identical on every device and process.
+    `inputs` are raw activations (multiplied by `input_scale` as in training). `generator` is
+    a CPU generator so the draws are identical on every device and process.
     """
     dead_ids = dead.nonzero().squeeze(-1)
     n_dead = dead_ids.numel()
     if n_dead == 0:
         return dead_ids
-    losses = reconstruction_losses(d, inputs).cpu().double()
-    weights = losses.pow(2)
+    weights = resample_losses(d, inputs, input_scale, sparsity_coefficient).pow(2)
     if not torch.isfinite(weights).all() or weights.sum() <= 0:
         weights = torch.ones_like(weights)
-    # Without replacement when the pool is large enough, so dead features get distinct inputs.
+    # Without replacement when the sample is large enough: dead features get distinct inputs.
     picks = torch.multinomial(
         weights, n_dead, replacement=n_dead > int((weights > 0).sum()), generator=generator
-    ).to(inputs.device)
-    chosen = inputs[picks].to(d.dtype)
-    directions = F.normalize(chosen, dim=-1)
+    )
+    chosen = inputs[picks.to(inputs.device)].to(d.device, torch.float32) * input_scale
+    directions = F.normalize(chosen - d.b_dec.float(), dim=-1).to(d.dtype)
 
     alive = ~dead
     if alive.any():
@@ -111,5 +117,116 @@ def resample_dead_features(
     _reset_adam_(optimizer, d.W_dec, dead_ids, dim=0)
     _reset_adam_(optimizer, d.W_enc, dead_ids, dim=1)
     _reset_adam_(optimizer, d.b_enc, dead_ids, dim=0)
-    logger.info("resampled %d dead feature(s) of %d", n_dead, d.d_sae)
     return dead_ids
+
+
+def crossed(points: Sequence[int], tokens_before: int, tokens_after: int) -> bool:
+    """Whether a step from `tokens_before` to `tokens_after` tokens reached one of `points`."""
+    return any(tokens_before < p <= tokens_after for p in points)
+
+
+class ResampleSample:
+    """Random rows of the batches in the stretch before each resampling point.
+
+    From each batch that overlaps [point - stretch, point) it keeps
+    ceil(batch x sample_tokens / stretch) random rows, about `sample_tokens` in all, spread
+    over the stretch; `release` drops them once the point is passed. Rows stay in the
+    batch's own dtype and device. The generator is seeded, so every process keeps the same rows.
+    """
+
+    def __init__(
+        self, points: Sequence[int], sample_tokens: int, stretch_tokens: int, seed: int
+    ) -> None:
+        self.points = sorted(set(points))
+        self.sample_tokens = sample_tokens
+        self.stretch_tokens = max(stretch_tokens, sample_tokens)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.chunks: list[Tensor] = []
+
+    @classmethod
+    def for_configs(cls, cfgs: Sequence[TrainConfig]) -> ResampleSample:
+        """One sample for every member of a run: the union of their points, the largest sample,
+        and the stretch of the longest window, at most 8 samples long."""
+        return cls(
+            [p for c in cfgs for p in c.resample_points()],
+            max(c.resample.sample_tokens for c in cfgs),
+            max(min(c.resample_window_tokens(), 8 * c.resample.sample_tokens) for c in cfgs),
+            cfgs[0].seed,
+        )
+
+    def add(self, x: Float[Tensor, "B D"], tokens_before: int) -> None:
+        n = x.shape[0]
+        if not any(p - self.stretch_tokens < tokens_before + n and tokens_before < p
+                   for p in self.points):  # fmt: skip
+            return
+        k = min(n, math.ceil(n * self.sample_tokens / self.stretch_tokens))
+        rows = torch.randperm(n, generator=self.generator)[:k]
+        self.chunks.append(x.detach()[rows.to(x.device)].clone())
+
+    def rows(self) -> Tensor | None:
+        """Everything gathered so far (None if nothing)."""
+        if not self.chunks:
+            return None
+        if len(self.chunks) > 1:
+            self.chunks = [torch.cat(self.chunks)]
+        return self.chunks[0]
+
+    def release(self, tokens_before: int, tokens_after: int) -> None:
+        """Drop the sample once a step has passed a point (every member has resampled)."""
+        if crossed(self.points, tokens_before, tokens_after):
+            self.chunks = []
+
+    def state_dict(self) -> dict[str, Any]:
+        rows = self.rows()
+        return {
+            "rows": None if rows is None else rows.cpu(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
+        self.chunks = [] if state["rows"] is None else [state["rows"].to(device)]
+        self.generator.set_state(state["generator"])
+
+
+class RevivalWatch:
+    """Which of the features resampled at the last point fire in the window that follows."""
+
+    def __init__(self, d_sae: int, device: torch.device, window_tokens: int) -> None:
+        self.window_tokens = window_tokens
+        self.resampled = torch.zeros(d_sae, dtype=torch.bool, device=device)
+        self.fired = torch.zeros_like(self.resampled)
+        self.tokens = 0
+        self.open = False
+
+    def start(self, ids: Int[Tensor, " R"]) -> None:
+        self.resampled.zero_()
+        self.resampled[ids] = True
+        self.fired.zero_()
+        self.tokens = 0
+        self.open = ids.numel() > 0
+
+    def observe(self, fired: Bool[Tensor, " F"], n_tokens: int) -> None:
+        if self.open:
+            self.fired |= fired & self.resampled
+            self.tokens += n_tokens
+
+    def close_if_done(self, force: bool = False) -> int | None:
+        """The number revived, once the window after the point has passed (or if `force`)."""
+        if not self.open or (self.tokens < self.window_tokens and not force):
+            return None
+        self.open = False
+        return int(self.fired.sum())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "resampled": self.resampled.clone(),
+            "fired": self.fired.clone(),
+            "tokens": self.tokens,
+            "open": self.open,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.resampled.copy_(state["resampled"])
+        self.fired.copy_(state["fired"])
+        self.tokens = int(state["tokens"])
+        self.open = bool(state["open"])

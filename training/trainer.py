@@ -14,7 +14,6 @@ have seen.
 
 from __future__ import annotations
 
-import collections
 import logging
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,10 +30,10 @@ from sae.errors import UserError
 from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import TrainConfig
 from training.distributed import all_reduce_, init_from_env, resolve_device, shard
-from training.evals import density_summary
 from training.initialization import input_scale
 from training.member import Member
 from training.metrics import MetricsLogger, to_float, truncate_metrics
+from training.resampling import ResampleSample
 from training.run_folder import run_config
 from training.signals import StopOnSignal
 from training.sweep import check_sweep
@@ -113,9 +112,7 @@ class Trainer:
         self.input_scale = 1.0
         self._consumed = 0
         self._pending: list[Tensor] = []
-        pool_size = max(c.resample.pool_batches for c in cfgs)
-        self._pool: collections.deque[Tensor] = collections.deque(maxlen=pool_size)
-        self._keep_pool = any(c.resample_enabled() for c in cfgs)
+        self._sample = ResampleSample.for_configs(cfgs)
         self._stop = StopOnSignal()
         self._last: dict[str, dict[str, float]] = {}
         self._log = MetricsLogger(self.out_dir, enabled=False)
@@ -211,6 +208,7 @@ class Trainer:
 
     def _train_step(self, x: Tensor, bar: Any) -> None:
         """Every member on this batch, then counters, logging, resampling and evals."""
+        self._sample.add(x, self.tokens)
         x = x.to(self.device, torch.float32, non_blocking=True)
         local = shard(x, self.dist)
         n = x.shape[0]
@@ -218,14 +216,13 @@ class Trainer:
         log_now = (
             step + 1
         ) % self.cfg.logging.log_every_steps == 0 or step + 1 >= self.cfg.total_steps
-        rows = {m.name: m.train_step(local, step, n, log_now) for m in self.members}
+        rows = {m.name: m.train_step(local, step, n, log_now, before) for m in self.members}
         self.step += 1
         self.tokens += n
         bar.update(1)
-        if self._keep_pool:
-            self._pool.append(x)
         for m in self.members:
-            m.maybe_resample(before, self.tokens, self._pool)  # copied only when resampling
+            m.maybe_resample(before, self.tokens, self._sample)
+        self._sample.release(before, self.tokens)
         if log_now:
             self._log_rows(rows, bar)
         every = self.cfg.logging.eval_every_steps
@@ -237,17 +234,13 @@ class Trainer:
         multi = len(self.members) > 1
         for m in self.members:
             row = {k: to_float(v) for k, v in rows[m.name].items()}
-            density = m.density.current()
-            if density is not None:
-                row.update(density_summary(density, self.cfg.logging.dense_threshold))
-            row["resampled_features"] = float(m.n_resampled)
+            row.update(m.log_row(self.cfg.logging.dense_threshold))
             self._last[m.name] = row
             self._log.log({"step": self.step, "tokens": self.tokens, **row}, m.name, multi)
         first = self._last[self.members[0].name]
-        bar.set_postfix(
-            {k: f"{first[k]:.3g}" for k in ("loss", "l0", "fvu", "dead_fraction") if k in first},
-            refresh=False,
-        )
+        density = "dead_fraction" if "dead_fraction" in first else "density_tokens"
+        keys = ("loss", "l0", "fvu", density)  # density_tokens: the window is not full yet
+        bar.set_postfix({k: f"{first[k]:.3g}" for k in keys if k in first}, refresh=False)
 
     def _log_eval(self, member: str, values: dict[str, float]) -> None:
         row = {f"eval/{k}": float(v) for k, v in values.items()}
@@ -272,9 +265,8 @@ class Trainer:
                 paths[m.name] = self.out_dir / m.name
                 d.save(paths[m.name])
         if self.dist.is_main:
-            densities = {
-                m.name: dens for m in self.members if (dens := m.density.current()) is not None
-            }
+            densities = {m.name: dens for m in self.members
+                         if (dens := m.density.current(partial=True)) is not None}  # fmt: skip
             for name, density in densities.items():
                 self._log.log_histogram(name, density, self.step, len(self.members) > 1)
             if self.cfg.logging.plots:
@@ -309,7 +301,7 @@ class Trainer:
                 ),
                 "consumed_batches": self._consumed,
                 "pending": [t.cpu() for t in self._pending],
-                "pool": [t.cpu() for t in self._pool],
+                "sample": self._sample.state_dict(),
                 "rng": rng_state(),
                 "last_metrics": self._last,
             },
@@ -327,7 +319,7 @@ class Trainer:
         self.input_scale = float(state["input_scale"])
         self._consumed = int(state["consumed_batches"])
         self._pending = list(state["pending"])
-        self._pool.extend(t.to(self.device) for t in state["pool"])
+        self._sample.load_state_dict(state["sample"])
         self._last = dict(state.get("last_metrics", {}))
         set_rng_state(state["rng"])
         if state["data_state"] is not None and isinstance(batches, ResumableSource):
@@ -359,8 +351,9 @@ class Trainer:
                     "d_sae": m.dictionary.d_sae,
                     "architecture": m.dictionary.cfg.architecture,
                     "resample": m.cfg.resample_enabled(),
-                    "resample_every_tokens": m.cfg.resample_every_tokens(),
+                    "resample_points": m.cfg.resample_points(),
                     "resample_window_tokens": m.cfg.resample_window_tokens(),
+                    "density_window_tokens": m.cfg.density_window_tokens(),
                 }
                 for m in self.members
             },

@@ -9,8 +9,9 @@ import torch
 from sae.base import DictionaryConfig, build
 from tests.training.helpers import data, small_cfg, with_
 from training.checkpoint import load_checkpoint, save_checkpoint
+from training.density import FiringTracker
 from training.evals import evaluate
-from training.resampling import FiringTracker, resample_dead_features
+from training.resampling import resample_dead_features
 from training.trainer import Trainer
 
 

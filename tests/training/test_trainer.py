@@ -84,14 +84,11 @@ def test_run_folder_has_config_metrics_checkpoint_and_plots(tmp_path):
 def test_resume_after_a_signal_equals_an_uninterrupted_run(tmp_path, objective, signum):
     extra = {"k": 4, "dead_tokens": 256} if objective == "topk_auxk" else {}
     base = small_cfg(tmp_path / "a", steps=30, name=objective, **extra)
-    # Resampling every 8 batches with a short window, so the checkpoint must carry the pool,
-    # the firing counters and the resampling generator to continue identically.
-    base = with_(
-        base,
-        resample=with_(
-            base.resample, enabled=True, every_tokens=512, window_tokens=256, stop_fraction=0.9
-        ),
-    )
+    # Resampling every 8 batches with a short window, from a sample of random rows of each
+    # batch, so the checkpoint must carry the partial sample and its generator, the firing
+    # counters and the resampling generator to continue identically.
+    resample = with_(base.resample, enabled=True, every_tokens=512, window_tokens=256)
+    base = with_(base, resample=with_(resample, stop_fraction=0.9, sample_tokens=96))
     straight = Trainer(base, d_in=16).fit(data())
     assert not straight.interrupted
 
