@@ -3,15 +3,19 @@ training run that revives features we killed on purpose (and a control run that 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from sae.base import DictionaryConfig, build
 from tests.training.helpers import data, small_cfg, with_
 from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import ResampleConfig, TrainConfig
 from training.density import FiringTracker
 from training.evals import evaluate
-from training.resampling import resample_dead_features
+from training.metrics import read_metrics
+from training.resampling import ResampleSample, crossed, resample_dead_features
 from training.trainer import Trainer
 
 
@@ -60,11 +64,41 @@ def test_firing_tracker_counts_tokens_not_steps():
     assert t.dead(400).tolist() == [False, False, True]
 
 
+def test_default_points_follow_the_warmup_and_stay_before_the_stop():
+    for total in (1_000_000, 10_000_000, 300_000_000):
+        cfg = TrainConfig(total_tokens=total, batch_size=4096)
+        points, window = cfg.resample_points(), cfg.resample_window_tokens()
+        warmup = cfg.sparsity_warmup_tokens()
+        assert len(points) == 4 and warmup > 0
+        assert points[0] == warmup + window  # dead is judged only on post-warm-up tokens
+        assert all(b - a == window for a, b in itertools.pairwise(points))
+        assert points[-1] < total / 2
+    # The step that crosses the last point fires even if its batch also crosses the stop.
+    assert crossed(points, points[-1] - 1, total)
+    every = TrainConfig(total_tokens=1000, resample=ResampleConfig(every_tokens=100))
+    assert every.resample_points() == [100, 200, 300, 400]  # 500 is the stop: excluded
+    assert every.resample_window_tokens() == 100
+
+
+def test_sample_keeps_random_rows_of_the_batches_before_each_point():
+    sample = ResampleSample([1000], sample_tokens=100, stretch_tokens=400, seed=0)
+    for start in range(0, 1000, 100):
+        x = torch.arange(start, start + 100).float()[:, None].expand(100, 4)
+        sample.add(x, start)
+        sample.release(start, start + 100)
+        if start == 800:
+            rows = sample.rows()
+            assert rows is not None and rows.shape == (75, 4)  # 25 of each of 3 batches
+            assert rows[:, 0].min() >= 600 and len(set(rows[:, 0].tolist())) == 75
+    assert sample.rows() is None  # released once the point was passed
+
+
 KILLED = list(range(0, 64, 4))  # 16 of 64 features
 
 
 def _train_with_killed_features(tmp_path, resample: bool):
     base = small_cfg(tmp_path, steps=10)
+    base = with_(base, resample=with_(base.resample, enabled=False))
     Trainer(base, d_in=16).fit(data())
     state = load_checkpoint(tmp_path)
     weights = state["members"]["dictionary"]["dictionary"]
@@ -88,9 +122,13 @@ def test_resampling_revives_deliberately_killed_features(tmp_path, resample):
     held_out = [data().batch(10_000 + i) for i in range(8)]
     density = evaluate(result.dictionary, held_out).density
     revived = (density[KILLED] > 0).float().mean().item()
+    events = [r for r in read_metrics(tmp_path) if "resample/resampled" in r]
+    revivals = [r["resample/revived"] for r in read_metrics(tmp_path) if "resample/revived" in r]
     if resample:
         assert result.dictionary.cfg.provenance["resampled_features"] >= len(KILLED)
         assert revived == 1.0
+        assert events[0]["resample/dead"] >= len(KILLED)
+        assert revivals and revivals[0] >= len(KILLED)
     else:  # the control: without resampling nothing brings them back
         assert result.dictionary.cfg.provenance["resampled_features"] == 0
-        assert revived == 0.0
+        assert revived == 0.0 and not events and not revivals
