@@ -40,6 +40,10 @@ class ServerSettings:
     """Interface to listen on. Loopback by default: expose deliberately."""
     port: int = 8000
     """TCP port."""
+    allowed_hosts: list[str] = field(default_factory=list)
+    """Host names the server answers (the Host header) besides the bound address and
+    localhost, 127.0.0.1, ::1; others get 400, which stops DNS rebinding. Add the names users
+    type when serving on a network (--host 0.0.0.0); `*` answers any name."""
     model: str | None = None
     """Language model for text requests; default: each dictionary's cfg.model_name."""
     device: str = "cpu"
