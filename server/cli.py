@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     from server.app import create_app
     from server.deps import load_state
+    from server.security import trusted_hosts
     from server.settings import settings_from_env
 
     names = {f.name for f in dataclasses.fields(ServerSettings)}
@@ -63,5 +64,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"open the browser with it: {url}#key={settings.api_key}", flush=True)
     elif settings.api_key is None:
         log.warning("no API key: labels and steering are disabled (set SAE_SERVE_API_KEY)")
+    hosts = trusted_hosts(settings.host, settings.allowed_hosts)
+    log.info("answering Host names: %s (add more with --allowed-hosts)", ", ".join(sorted(hosts)))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     return 0
