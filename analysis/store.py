@@ -79,6 +79,19 @@ T = TypeVar("T")
 # -- the store -------------------------------------------------------------------------------
 
 
+def fts_match(query: str) -> str | None:
+    """The FTS5 expression for user text: each word a quoted phrase, so quotes, `AND`/`OR`/
+    `NOT`/`NEAR`, `*`, `^`, `:` and parentheses are searched for, never parsed as syntax; the
+    last word is a prefix. Unprintable characters are dropped: FTS5 ends a string at NUL,
+    and SQLite takes only UTF-8, which has no lone surrogates. None if no word is left."""
+    words = "".join(c for c in query if c.isprintable() or c.isspace()).split()
+    if not words:
+        return None
+    terms = ['"' + w.replace('"', '""') + '"' for w in words]
+    terms[-1] += "*"
+    return " ".join(terms)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -298,13 +311,9 @@ class FeatureStore:
     def search(self, query: str, limit: int = 20, offset: int = 0) -> list[FeatureSummary]:
         """Full-text search (FTS5, every word must match, prefix match on the last) over
         labels, top-activating tokens and promoted/suppressed tokens; best match first."""
-        words = [w for w in query.split() if w]
-        if not words:
+        match = fts_match(query)
+        if match is None:
             return []
-        # Quote every word so user text is never parsed as FTS5 syntax.
-        terms = ['"' + w.replace('"', '""') + '"' for w in words]
-        terms[-1] += "*"
-        match = " ".join(terms)
         with self._read() as conn:
             self._require_meta(conn)
             rows = conn.execute(
@@ -313,6 +322,18 @@ class FeatureStore:
                 (match, limit, offset),
             ).fetchall()
             return select_summaries(conn, [r[0] for r in rows])
+
+    def search_total(self, query: str) -> int:
+        """How many features `search(query)` finds in all (the length of every page together)."""
+        match = fts_match(query)
+        if match is None:
+            return 0
+        with self._read() as conn:
+            self._require_meta(conn)
+            row = conn.execute(
+                "SELECT count(*) FROM feature_fts WHERE feature_fts MATCH ?", (match,)
+            ).fetchone()
+            return int(row[0])
 
     def summaries(self, feature_ids: list[int]) -> list[FeatureSummary]:
         """The list-row summary of each feature in `feature_ids`, in that order."""

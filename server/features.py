@@ -186,10 +186,9 @@ def search_features(
                 f"dictionary {sd.name!r} has no analysis to search; run `sae analyze`",
             )
         assert sd.store is not None
-        rows = sd.store.search(q, limit=limit + 1, offset=offset)
-        items = [_summary(sd, s) for s in rows[:limit]]
-        total = offset + len(rows)  # exact when this is the last page
-        return FeaturePage(items=items, offset=offset, limit=limit, total=total)
+        rows = sd.store.search(q, limit=limit, offset=offset)
+        items = [_summary(sd, s) for s in rows]
+        return FeaturePage(items=items, offset=offset, limit=limit, total=sd.store.search_total(q))
     model = state.model_for(sd)
     try:
         ids = tokenize(model, q, max_tokens=2, prepend_bos=False)

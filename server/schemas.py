@@ -13,11 +13,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-ADDRESS_RE = re.compile(r"^([^/]+)/(\d{1,9})$")
+# [0-9], not \d: \d also matches other scripts' digits, which int() reads ('١٢' is 12).
+ADDRESS_PATTERN = r"^([^/]+)/([0-9]{1,9})$"
+ADDRESS_RE = re.compile(ADDRESS_PATTERN)
 
 FeatureAddress = Annotated[
     str,
-    StringConstraints(pattern=r"^[^/]+/\d{1,9}$", max_length=200),
+    StringConstraints(pattern=ADDRESS_PATTERN, max_length=200),
     Field(
         description="Feature address `DICTIONARY/FEATURE_ID`, e.g. `mlp0/12`.", examples=["mlp0/12"]
     ),

@@ -34,11 +34,16 @@ class ServerSettings:
 
     dictionaries: list[str] = field(default_factory=list)
     """Dictionary directories to serve, each `PATH` or `NAME=PATH` (the name is the first part
-    of a feature address `NAME/FEATURE_ID`; default: the directory's name)."""
+    of a feature address `NAME/FEATURE_ID`; default: the directory's name, or MEMBER for a
+    sweep member's folder `name=MEMBER`). An existing path is always read as a path."""
     host: str = "127.0.0.1"
     """Interface to listen on. Loopback by default: expose deliberately."""
     port: int = 8000
     """TCP port."""
+    allowed_hosts: list[str] = field(default_factory=list)
+    """Host names the server answers (the Host header) besides the bound address and
+    localhost, 127.0.0.1, ::1; others get 400, which stops DNS rebinding. Add the names users
+    type when serving on a network (--host 0.0.0.0); `*` answers any name."""
     model: str | None = None
     """Language model for text requests; default: each dictionary's cfg.model_name."""
     device: str = "cpu"
@@ -66,8 +71,14 @@ class ServerSettings:
     rate_limit: int = 0
     """Model requests (text activations, top features, steering) allowed per client address
     per minute; more get 429 with Retry-After. 0: no limit."""
-    max_queue: int = 16
-    """Most model jobs waiting at once; more get 503 with Retry-After (back-pressure)."""
+    max_queue: int = 64
+    """Most model requests waiting or running at once; more get 503 with Retry-After
+    (back-pressure). Concurrent activation requests share one forward pass, so this many can
+    be served together; beyond it the queue sheds."""
+    worker_process: bool = True
+    """Run the model (text activations, top features, steering) in its own process at a lower
+    CPU priority, so feature reads never wait behind it; false: on a thread of the server
+    process (less memory: one copy of the model)."""
     log_level: LogLevel = "info"
     """Server log level."""
 
@@ -104,15 +115,26 @@ class ServerSettings:
                 raise UserError(f"dictionary name {n!r} must be non-empty and contain no '/'")
 
 
+SWEEP_MEMBER_PREFIX = "name="
+"""`sae train --sweep` saves each member in a folder `name=MEMBER`."""
+
+
+def _is_path(spec: str) -> bool:
+    """An existing path is a path, even if it contains `=` (sweep member folders do)."""
+    return "=" not in spec or os.path.exists(os.path.expanduser(spec))
+
+
 def spec_name(spec: str) -> str:
-    """The served name of a `PATH` or `NAME=PATH` dictionary spec."""
-    if "=" in spec:
+    """The served name of a `PATH` or `NAME=PATH` dictionary spec: NAME, else the folder's
+    name, or MEMBER for a sweep member's folder `name=MEMBER`."""
+    if not _is_path(spec):
         return spec.split("=", 1)[0]
-    return os.path.basename(os.path.normpath(spec))
+    base = os.path.basename(os.path.normpath(spec))
+    return base.removeprefix(SWEEP_MEMBER_PREFIX) if base != SWEEP_MEMBER_PREFIX else base
 
 
 def spec_path(spec: str) -> str:
-    return spec.split("=", 1)[1] if "=" in spec else spec
+    return spec if _is_path(spec) else spec.split("=", 1)[1]
 
 
 def settings_from_env(
