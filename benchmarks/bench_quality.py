@@ -43,6 +43,7 @@ OBJECTIVE_ARGS: dict[str, dict] = {
     "jumprelu": {"l1_coefficient": 1.0},
     "topk_auxk": {"k": 32},
     "batchtopk": {"k": 32},
+    "matryoshka_batchtopk": {"k": 32},
 }
 
 

@@ -22,6 +22,7 @@ from server.deps import AppState, load_state
 from server.errors import error_response, install_error_handlers
 from server.routers import dictionaries, features, health, text
 from server.schemas import ErrorBody
+from server.security import PAGE_HEADERS, HostCheck, trusted_hosts
 from server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,9 @@ def create_app(settings: ServerSettings | None = None, state: AppState | None = 
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html")
+        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # Added last, so outermost: an untrusted Host is refused before anything else runs.
+    app.add_middleware(HostCheck, hosts=trusted_hosts(settings.host, settings.allowed_hosts))
     return app

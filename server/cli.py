@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     from server.app import create_app
     from server.deps import load_state
+    from server.security import trusted_hosts
     from server.settings import settings_from_env
 
     names = {f.name for f in dataclasses.fields(ServerSettings)}
@@ -52,6 +53,12 @@ def run(args: argparse.Namespace) -> int:
     if generated:
         settings = dataclasses.replace(settings, api_key=secrets.token_urlsafe(18))
     logging.getLogger().setLevel(settings.log_level.upper())
+    if settings.worker_process:
+        import torch
+
+        # The model runs in its own process; here torch computes only small things (logit
+        # effects of an unanalysed feature), and more threads would contend with the reads.
+        torch.set_num_threads(1)
     # Load before listening: a bad dictionary is a one-line error, not a failed lifespan.
     state = load_state(settings)
     app = create_app(state=state)
@@ -63,5 +70,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"open the browser with it: {url}#key={settings.api_key}", flush=True)
     elif settings.api_key is None:
         log.warning("no API key: labels and steering are disabled (set SAE_SERVE_API_KEY)")
+    hosts = trusted_hosts(settings.host, settings.allowed_hosts)
+    log.info("answering Host names: %s (add more with --allowed-hosts)", ", ".join(sorted(hosts)))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     return 0

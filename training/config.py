@@ -62,7 +62,8 @@ class ObjectiveConfig:
     """The training objective (loss, constraints, how the dictionary is saved)."""
 
     name: ObjectiveName = "relu_l1"
-    """relu_l1 (2023), relu_l1_2024 (April 2024 update), topk_auxk, batchtopk, jumprelu."""
+    """relu_l1 (2023), relu_l1_2024 (April 2024 update), topk_auxk, batchtopk, jumprelu,
+    matryoshka_batchtopk."""
     l1_coefficient: float = 5.0
     """Sparsity penalty weight: L1 for the relu objectives, L0 for jumprelu."""
     l1_warmup_fraction: float = 0.05
@@ -81,6 +82,9 @@ class ObjectiveConfig:
     """A latent that has not fired for this many tokens is dead for AuxK (Gao et al.: 10M)."""
     threshold_lr: float = 0.01
     """batchtopk: moving-average rate of the inference threshold estimate."""
+    matryoshka_prefixes: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
+    """matryoshka_batchtopk: nested prefix widths as fractions of d_sae (the whole dictionary
+    is always one of them); the loss averages the reconstruction error of each prefix."""
     jumprelu_bandwidth: float = 0.001
     """jumprelu: width of the straight-through rectangle kernel (Rajamanoharan et al.)."""
     jumprelu_init_threshold: float = 0.001
@@ -99,6 +103,8 @@ class ObjectiveConfig:
             raise ValueError("target_l0 must be > 0")
         if self.k < 1:
             raise ValueError("k must be >= 1")
+        if not self.matryoshka_prefixes or not all(0 < f <= 1 for f in self.matryoshka_prefixes):
+            raise ValueError("matryoshka_prefixes must be fractions of d_sae in (0, 1]")
         if self.jumprelu_bandwidth <= 0:
             raise ValueError("jumprelu_bandwidth must be > 0")
 

@@ -98,7 +98,7 @@ def test_browse_and_feature_page(page: Any, state: Any, tmp_path: Path) -> None:
     assert page.locator(".logits .pos li").count() > 0
     if n_stored > 10:
         page.locator(".more-examples").click()
-        page.wait_for_function("document.querySelectorAll('.examples .example').length > 10")
+        page.wait_for_function("() => document.querySelectorAll('.examples .example').length > 10")
     shot = tmp_path / "feature_page.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
@@ -125,7 +125,9 @@ def test_labels_and_search(page: Any) -> None:
     page.fill("#api-key", API_KEY)
     page.dispatch_event("#api-key", "change")
     page.click(".label-form button")
-    page.wait_for_function("document.querySelector('.label-text').textContent === 'quokka feature'")
+    page.wait_for_function(
+        "() => document.querySelector('.label-text').textContent === 'quokka feature'"
+    )
     assert "quokka feature" in page.inner_text(".labels")
     page.fill("#search-q", "quokka")
     page.click("#search-form button")
@@ -156,3 +158,30 @@ def test_text_and_steering(page: Any) -> None:
     page.wait_for_selector("#steer-out pre.steered")
     assert page.inner_text("pre.steered") == page.inner_text("pre.baseline")
     assert "analysis_max_activation" in page.inner_text("#steer-out")
+
+
+def test_the_page_runs_under_its_content_security_policy(browser: Any, base_url: str) -> None:
+    """The policy is in force (an injected inline script does not run) and the page needs no
+    exception to it: the `page` fixture's other tests fail on any console error, which is
+    where a refused script, style or request would show."""
+    context = browser.new_context(base_url=base_url)
+    pg = context.new_page()
+    violations: list[str] = []
+    pg.on("console", lambda m: violations.append(m.text) if m.type == "error" else None)
+    response = pg.goto("/")
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    pg.wait_for_selector("body[data-ready='1']")
+    assert pg.locator("table.feature-list tbody tr").count() > 0
+    assert violations == []
+    ran = pg.evaluate(
+        """() => { const s = document.createElement('script');
+                   s.textContent = 'window.injected = 1'; document.body.append(s);
+                   return window.injected === 1; }"""
+    )
+    assert ran is False
+    for _ in range(50):  # the console message arrives on its own time
+        if violations:
+            break
+        pg.wait_for_timeout(100)
+    assert any("Content Security Policy" in v for v in violations), violations
+    context.close()

@@ -76,7 +76,7 @@ def test_body_limits_and_malformed_requests(client: httpx.Client, base_url: str)
     host, port = base_url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
         s.sendall(
-            b"POST /api/activations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 999999\r\n\r\n{}"
+            b"POST /api/activations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 999999\r\n\r\n{}"
         )
         head = s.recv(4096).decode(errors="replace")
     assert head.startswith("HTTP/1.1 413")

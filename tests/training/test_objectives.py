@@ -10,6 +10,7 @@ from sae.base import DictionaryConfig, build
 from training.config import ObjectiveConfig, OptimConfig
 from training.objectives.base import StepContext, normalize_decoder_rows_, remove_parallel_grad_
 from training.objectives.jumprelu import JumpReLUFn, StepFn
+from training.objectives.matryoshka_batchtopk import MatryoshkaBatchTopK
 from training.objectives.relu_l1_2024 import fold_decoder_norms_
 from training.objectives.topk_auxk import TopKAuxK, auxk_loss
 from training.schedules import L0Controller, lr_factor, sparsity_warmup_factor
@@ -98,3 +99,29 @@ def test_schedules():
     assert c2.update(5.0) < 1.0
     c3 = L0Controller(target=10.0, rate=0.1, coefficient=1.0)
     assert c3.update(0.0) == pytest.approx(float(torch.tensor(-0.1).exp()))  # clipped
+
+
+def test_matryoshka_prefix_reconstructions_equal_dense_decodes_of_each_prefix():
+    torch.manual_seed(0)
+    cfg = ObjectiveConfig(name="matryoshka_batchtopk", k=3, matryoshka_prefixes=(0.25, 0.5))
+    obj = MatryoshkaBatchTopK(cfg, d_in=6, d_sae=16)
+    assert obj.widths() == [4, 8, 16]
+    d = build(obj.dictionary_config(6, 16))
+    obj.init_weights(d, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        d.b_dec.normal_()
+    x = torch.randn(10, 6)
+    res = obj.loss(d, x, StepContext(0.0, torch.zeros(16, dtype=torch.long)))
+    f = res.out.feature_acts
+    assert torch.equal(f, d(x).feature_acts)  # the same BatchTopK codes as the dictionary
+    assert int((f != 0).sum()) == 30
+    total = (x - x.mean(0)).pow(2).sum()
+    expected = []
+    for m in (4, 8, 16):
+        x_hat = f[:, :m] @ d.W_dec[:m] + d.b_dec
+        expected.append(float(((x_hat - x).pow(2).sum() / total).detach()))
+    assert float(res.parts["fvu_prefix_4"]) == pytest.approx(expected[0], rel=1e-5)
+    assert float(res.parts["fvu_prefix_8"]) == pytest.approx(expected[1], rel=1e-5)
+    assert float(res.parts["fvu"]) == pytest.approx(expected[2], rel=1e-5)
+    assert float(res.loss.detach()) == pytest.approx(sum(expected) / 3, rel=1e-5)
+    assert torch.allclose(res.out.x_hat, d(x).x_hat, atol=1e-5)

@@ -26,8 +26,9 @@ def losses(out_dir) -> list[float]:
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))
 def test_every_objective_trains_and_saves_a_folded_dictionary(tmp_path, objective):
-    extra: dict = {"k": 4} if objective in ("topk_auxk", "batchtopk") else {}
-    if objective == "batchtopk":
+    batch_topk = objective in ("batchtopk", "matryoshka_batchtopk")
+    extra: dict = {"k": 4} if objective == "topk_auxk" or batch_topk else {}
+    if batch_topk:
         extra["threshold_lr"] = 0.1  # a short run: let the threshold estimate keep up
     if objective == "jumprelu":
         extra = {"l1_coefficient": 0.05, "jumprelu_init_threshold": 0.05}
@@ -44,11 +45,12 @@ def test_every_objective_trains_and_saves_a_folded_dictionary(tmp_path, objectiv
     # inputs, divided by the scale, gives the same reconstruction (scale folded on save).
     saved = Dictionary.load(result.paths["dictionary"])
     x = data().batch(999)
-    if objective == "batchtopk":
+    if batch_topk:
         # Saved for inference as a jumprelu with the estimated threshold on every feature.
         assert saved.cfg.architecture == "jumprelu"
         thr = saved.get_parameter("threshold").detach()
         assert float(thr.min()) == float(thr.max()) > 0
+        assert saved.cfg.provenance["trained_as"] == objective
         assert evaluate(saved, [x]).fvu < 0.5
     else:
         with torch.no_grad():

@@ -1,6 +1,13 @@
 """Training objectives, one small registered file each; importing this package registers them."""
 
-from training.objectives import batchtopk, jumprelu, relu_l1, relu_l1_2024, topk_auxk  # noqa: F401
+from training.objectives import (  # noqa: F401
+    batchtopk,
+    jumprelu,
+    matryoshka_batchtopk,
+    relu_l1,
+    relu_l1_2024,
+    topk_auxk,
+)
 from training.objectives.base import (
     OBJECTIVES,
     LossOutput,
