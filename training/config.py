@@ -253,6 +253,10 @@ class TrainConfig:
     """Run the forward pass under bf16 autocast (weights and optimizer stay float32)."""
     compile: bool = False
     """torch.compile the dictionary's forward pass."""
+    sparse_grad: bool = True
+    """Backpropagate through the active codes only (relu, topk, batchtopk): the encoder and
+    decoder gradients cost O(batch x L0 x d_in) instead of O(batch x d_sae x d_in). Exact (the
+    dense gradients); steps with more than 1/8 of codes active run dense. false: always dense."""
     checkpoint_every_steps: int = 1000
     """Save the training state every this many steps (0: only at the end and on a signal)."""
     dictionary: DictionaryShape = field(default_factory=DictionaryShape)

@@ -43,6 +43,7 @@ class Member:
         dcfg.hook_name = cfg.dictionary.hook_name
         dcfg.model_name = cfg.dictionary.model_name
         self.dictionary: Dictionary = build(dcfg).to(device)
+        self.dictionary.sparse_grad = cfg.sparse_grad
         # The compiled module shares parameters with `dictionary`; objectives call it for the
         # forward pass, constraints and saving use the plain module.
         self.forward_module: Any = (
