@@ -149,7 +149,8 @@ class ResampleConfig:
     "Neuron Resampling")."""
 
     enabled: bool | None = None
-    """Resample dead features (default: on for the L1 objectives, off for the others)."""
+    """Resample dead features (default: on for relu_l1, the 2023 recipe; off for the others,
+    relu_l1_2024 included)."""
     count: int = 4
     """Resampling points, evenly spaced after the sparsity warm-up: the stretch from its end to
     stop_fraction is cut into count + 1 equal parts and resampling happens at the inner cuts, so
@@ -284,7 +285,7 @@ class TrainConfig:
     def resample_enabled(self) -> bool:
         if self.resample.enabled is not None:
             return self.resample.enabled
-        return OBJECTIVES[self.objective.name].sparsity_penalty == "l1"
+        return OBJECTIVES[self.objective.name].resamples
 
     def sparsity_warmup_tokens(self) -> int:
         """Tokens of the sparsity penalty's linear ramp (0 for objectives without one)."""

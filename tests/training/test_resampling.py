@@ -82,6 +82,9 @@ def test_default_points_follow_the_warmup_and_stay_before_the_stop():
         assert points[-1] < total / 2
     # The step that crosses the last point fires even if its batch also crosses the stop.
     assert crossed(points, points[-1] - 1, total)
+    # relu_l1 is the 2023 recipe with resampling; the April 2024 recipe has none by default.
+    recipe_2024 = TrainConfig(objective=ObjectiveConfig(name="relu_l1_2024"))
+    assert recipe_2024.resample_points() == [] and TrainConfig().resample_enabled()
     every = TrainConfig(total_tokens=1000, resample=ResampleConfig(every_tokens=100))
     assert every.resample_points() == [100, 200, 300, 400]  # 500 is the stop: excluded
     assert every.resample_window_tokens() == 100
