@@ -231,5 +231,6 @@ def sparse_forward(
 
     values = torch.relu(gather_pre_acts(d, x, pre, codes))
     x_hat = decode_active(values, codes, d.W_dec) + d.b_dec
-    feature_acts = pre.new_zeros(pre.shape).index_put((codes.rows, codes.cols), values)
+    # In place on a fresh tensor: a [B, F] pass fewer than index_put's copy of the zeros.
+    feature_acts = pre.new_zeros(pre.shape).index_put_((codes.rows, codes.cols), values)
     return ForwardOutput(x_hat=x_hat, feature_acts=feature_acts, pre_acts=pre)

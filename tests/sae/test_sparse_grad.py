@@ -171,3 +171,31 @@ def test_training_steps_give_the_same_parameters_with_the_switch_on_and_off(
     ):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11, msg=name)
     torch.testing.assert_close(sparse.firing.tokens_since_fired, dense.firing.tokens_since_fired)
+
+
+def _grads_of(module: Any, d: Dictionary, x: torch.Tensor) -> list[torch.Tensor]:
+    d.zero_grad()
+    out = module(x)
+    ((out.x_hat - x) ** 2).sum().backward()
+    return [out.x_hat.detach().float(), *(p.grad.clone() for p in d.parameters())]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_bf16_autocast_sparse_forward_matches_the_dense_one(arch: str) -> None:
+    d = _sparse_dictionary(arch).float()
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sparse = _grads_of(d, d, x)
+        dense = _grads_of(d.dense_forward, d, x)
+    assert all(g.dtype == torch.float32 for g in sparse[1:])
+    for a, b in zip(sparse, dense, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))
+
+
+def test_compiled_forward_takes_the_sparse_path_with_the_same_gradients() -> None:
+    d = _sparse_dictionary("topk").float()
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(7))
+    compiled = torch.compile(d)
+    assert not compiled(x).pre_acts.requires_grad  # the sparse path
+    for a, b in zip(_grads_of(compiled, d, x), _grads_of(d.dense_forward, d, x), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
