@@ -17,10 +17,8 @@ is that of the batches it was handed, not of the producer's.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
-import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -51,8 +49,8 @@ class StreamedActivations:
 
     Iterating yields the batches of the only hook (a `BatchSource`); with several hooks,
     `batches()` yields `StreamBatch`es holding every hook's rows. `skip_contexts` leaves out
-    the first contexts of the global stream (held out for evaluation), `model_lock` is held
-    while the model runs, so others can use the model between forward passes.
+    the first contexts of the global stream (held out for evaluation). The producer holds the
+    model's hook lock only while it runs the model, so others can use the model in between.
     """
 
     def __init__(
@@ -72,7 +70,6 @@ class StreamedActivations:
         dtype: torch.dtype = torch.float32,
         skip_contexts: int = 0,
         prefetch: int = 2,
-        model_lock: threading.Lock | None = None,
     ) -> None:
         if isinstance(model, str):
             from activations.model import load_model
@@ -101,7 +98,6 @@ class StreamedActivations:
         # This rank's contexts among the first skip_contexts of the global stream.
         self.skip = max(0, -(-(skip_contexts - rank) // world_size))
         self.prefetch = prefetch
-        self.model_lock = model_lock or contextlib.nullcontext()
         self.epoch = 0
         self.position = 0
 
@@ -147,7 +143,7 @@ class StreamedActivations:
                 return
             # Hooks are attached per window, never across a yield: an abandoned stream must
             # not leave hooks on a model that others use.
-            with self.model_lock, ActivationCapture(self.model, self.hook_names) as capture:
+            with ActivationCapture(self.model, self.hook_names) as capture:
                 acts = [capture(b.tokens.to(model_device)) for b in group]
             rows = {
                 h: torch.cat([a[h][:, self.p0 :].reshape(-1, self.d_ins[h]) for a in acts])

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -80,14 +79,12 @@ def train_from_model(
     with own_run_folder(cfg.out_dir):
         for out in dirs.values():
             prepare_run_folder(out, resume=args.resume, overwrite=args.overwrite)
-        _check_stream_options(cfg, scfg, resume=args.resume, main=main)
-        return _train(args, cfg, scfg, members, dirs)
+        options = _stream_options(cfg, scfg, resume=args.resume)
+        return _train(args, cfg, scfg, members, dirs, options if main else None)
 
 
-def _check_stream_options(
-    cfg: TrainConfig, scfg: StreamConfig, *, resume: bool, main: bool
-) -> None:
-    from sae.atomic import atomic_write_json
+def _stream_options(cfg: TrainConfig, scfg: StreamConfig, *, resume: bool) -> dict[str, Any]:
+    """The options stream.json records; on resume, a UserError naming the first that differs."""
     from sae.dataclass_cli import to_dict
     from training.run_folder import first_difference
 
@@ -101,8 +98,7 @@ def _check_stream_options(
                 f"cannot resume {cfg.out_dir}: {found[0]} differs (saved {found[1]}, now "
                 f"{found[2]}); resume with the saved value, or start over with --overwrite"
             )
-    elif main:
-        atomic_write_json(path, options)
+    return options
 
 
 def _train(
@@ -111,11 +107,13 @@ def _train(
     scfg: StreamConfig,
     members: list[Any],
     dirs: dict[str, Path],
+    options: dict[str, Any] | None,
 ) -> int:
     import torch
 
     from activations.model import load_model
     from activations.stream import StreamedActivations
+    from sae.atomic import atomic_write_json
     from sae.devices import DTYPES
     from sae.evaluation import summary_line
     from training.distributed import init_from_env, resolve_device
@@ -136,7 +134,6 @@ def _train(
     model = load_model(str(scfg.model), device=device, dtype=DTYPES[scfg.model_dtype])
     n_eval = cfg.eval.resolved_tokens(cfg.total_tokens)
     _, eval_contexts = heldout_contexts(scfg, n_eval)
-    model_lock = threading.Lock()
     stream = StreamedActivations(
         model,
         list(dirs),
@@ -150,8 +147,9 @@ def _train(
         world_size=dist.world_size,
         skip_contexts=eval_contexts if scfg.heldout_split is None else 0,
         prefetch=scfg.prefetch_batches,
-        model_lock=model_lock,
     )
+    if options is not None:  # the model, hooks and text are good: the run starts here
+        atomic_write_json(Path(cfg.out_dir) / STREAM_FILE, options)
     evaluators: dict[str, Any] = {}
     if dist.is_main:
         evaluators = heldout_evaluators(
@@ -160,7 +158,6 @@ def _train(
             n_eval,
             loss_recovered=cfg.eval.loss_recovered,
             dense_threshold=cfg.logging.dense_threshold,
-            lock=model_lock,
         )
     shared = SharedStream(stream, dist)
     stop = LatchedStop()

@@ -10,14 +10,14 @@ every hook's rows to that hook's trainer (training/stream_train.py). Here:
   (training/distributed.py), as with a cache;
 - the held-out set: the first contexts of the text, which the training stream skips, or the
   first contexts of another split (`heldout_split`); their activations for every hook come from
-  one pass, and one `HeldOutEval` per hook shares the model and tokens.
+  one pass, and one `HeldOutEval` per hook shares the model and tokens (the model's hook lock,
+  activations/hooks.py, keeps its runs apart from the producer's).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import threading
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -172,8 +172,7 @@ def heldout_evaluators(
     *,
     loss_recovered: bool,
     dense_threshold: float,
-    lock: threading.Lock,
-) -> dict[str, Any]:
+) -> dict[str, HeldOutEval]:
     """One evaluator per hook on the held-out contexts (every hook from one forward pass)."""
     from activations.hooks import ActivationCapture
 
@@ -201,28 +200,12 @@ def heldout_evaluators(
         ", skipped by the training stream" if cfg.heldout_split is None else "",
     )  # fmt: skip
     return {
-        h: LockedEval(
-            HeldOutEval(
-                torch.cat(acts[h]),
-                model=model if loss_recovered else None,
-                hook_name=h if loss_recovered else None,
-                contexts=contexts if loss_recovered else None,
-                dense_threshold=dense_threshold,
-            ),
-            lock,
+        h: HeldOutEval(
+            torch.cat(acts[h]),
+            model=model if loss_recovered else None,
+            hook_name=h if loss_recovered else None,
+            contexts=contexts if loss_recovered else None,
+            dense_threshold=dense_threshold,
         )
         for h in stream.hook_names
     }
-
-
-class LockedEval:
-    """An evaluator that holds the model lock while it runs, so the producer thread never
-    runs the model (with its capture hooks) at the same time as the evaluation."""
-
-    def __init__(self, evaluator: HeldOutEval, lock: threading.Lock) -> None:
-        self.evaluator = evaluator
-        self.lock = lock
-
-    def __call__(self, dictionary: Any, input_scale: float = 1.0) -> dict[str, float]:
-        with self.lock:
-            return self.evaluator(dictionary, input_scale)

@@ -383,7 +383,7 @@ class Trainer:
             total=self.cfg.total_steps,
             initial=self.step,
             unit="step",
-            desc=self.cfg.dictionary.hook_name or "train",
+            desc="train",
             disable=not (self.cfg.logging.progress and self._show_progress and self.dist.is_main),
             dynamic_ncols=True,
         )
