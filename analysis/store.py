@@ -58,6 +58,7 @@ from analysis.store_records import (
 from analysis.store_schema import (
     SCHEMA,
     feature_rows,
+    fts_match,
     reindex,
     select_labels,
     select_summaries,
@@ -77,19 +78,6 @@ T = TypeVar("T")
 
 
 # -- the store -------------------------------------------------------------------------------
-
-
-def fts_match(query: str) -> str | None:
-    """The FTS5 expression for user text: each word a quoted phrase, so quotes, `AND`/`OR`/
-    `NOT`/`NEAR`, `*`, `^`, `:` and parentheses are searched for, never parsed as syntax; the
-    last word is a prefix. Unprintable characters are dropped: FTS5 ends a string at NUL,
-    and SQLite takes only UTF-8, which has no lone surrogates. None if no word is left."""
-    words = "".join(c for c in query if c.isprintable() or c.isspace()).split()
-    if not words:
-        return None
-    terms = ['"' + w.replace('"', '""') + '"' for w in words]
-    terms[-1] += "*"
-    return " ".join(terms)
 
 
 def _now() -> str:
@@ -259,6 +247,13 @@ class FeatureStore:
         """The feature's strongest activations, strongest first (ties: earliest token first)."""
         return self._examples(feature_id, "top", offset, limit)
 
+    def example_count(self, feature_id: int, kind: Literal["top", "q"] = "top") -> int:
+        """How many top (or quantile) examples the feature has: a page's total."""
+        with self._read() as conn:
+            self._check_id(self._require_meta(conn), int(feature_id))
+            arrays_dir = self._meta_value(conn, "arrays_dir")
+        return self._with_arrays(arrays_dir, lambda a: a.example_count(kind, int(feature_id)))
+
     def quantile_examples(
         self, feature_id: int, offset: int = 0, limit: int = 100
     ) -> list[Example]:
@@ -324,16 +319,12 @@ class FeatureStore:
             return select_summaries(conn, [r[0] for r in rows])
 
     def search_total(self, query: str) -> int:
-        """How many features `search(query)` finds in all (the length of every page together)."""
+        """How many features `search(query)` finds over all its pages."""
         match = fts_match(query)
-        if match is None:
-            return 0
         with self._read() as conn:
             self._require_meta(conn)
-            row = conn.execute(
-                "SELECT count(*) FROM feature_fts WHERE feature_fts MATCH ?", (match,)
-            ).fetchone()
-            return int(row[0])
+            sql = "SELECT count(*) FROM feature_fts WHERE feature_fts MATCH ?"
+            return 0 if match is None else int(conn.execute(sql, (match,)).fetchone()[0])
 
     def summaries(self, feature_ids: list[int]) -> list[FeatureSummary]:
         """The list-row summary of each feature in `feature_ids`, in that order."""

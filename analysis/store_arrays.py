@@ -44,6 +44,10 @@ class GenerationArrays:
             self._cache[name] = arr
         return arr
 
+    def example_count(self, kind: str, feature_id: int) -> int:
+        """The number of filled `top` or quantile (`q`) example slots of a feature."""
+        return int((self[f"{kind}_sequence"][feature_id] >= 0).sum())
+
     def examples(
         self, kind: str, feature_id: int, context_before: int, offset: int, limit: int
     ) -> list[Example]:

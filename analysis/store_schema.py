@@ -134,3 +134,16 @@ def select_summaries(conn: sqlite3.Connection, ids: list[int]) -> list[FeatureSu
             )
         )
     return out
+
+
+def fts_match(query: str) -> str | None:
+    """The FTS5 expression for user text: each word a quoted phrase, so quotes, `AND`/`OR`/
+    `NOT`/`NEAR`, `*`, `^`, `:` and parentheses are searched for, never parsed as syntax; the
+    last word is a prefix. Unprintable characters are dropped: FTS5 ends a string at NUL,
+    and SQLite takes only UTF-8, which has no lone surrogates. None if no word is left."""
+    words = "".join(c for c in query if c.isprintable() or c.isspace()).split()
+    if not words:
+        return None
+    terms = ['"' + w.replace('"', '""') + '"' for w in words]
+    terms[-1] += "*"
+    return " ".join(terms)

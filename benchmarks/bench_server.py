@@ -1,13 +1,16 @@
-"""Feature service latency and throughput under concurrent load.
+"""The feature service under mixed load: feature reads while the model works.
 
-Starts `sae serve` as its own process on 127.0.0.1, then this process (a separate one) fires a
-bounded number of requests with a fixed concurrency over loopback and prints p50 / p99
-latency and requests/s for: feature reads (store-backed pages with examples), batch reads,
-text activations (model forward + encode, serialised in the model queue) and top features.
+Starts `sae serve` as its own process on 127.0.0.1, then this process (a separate one) runs
+32 closed-loop clients for 20 s over loopback: most read feature pages (SQLite + memory-
+mapped arrays), the others post text activations, top features and steering. It prints, per
+endpoint, requests/s, p50/p99 latency and the shed rate (503 busy), and the server's RSS
+(its process and children) before, at the peak of, and 10 s after the load. It runs twice,
+with the model in its own process (the default) and on a thread of the server process
+(`worker_process=false`), side by side.
 
-    python benchmarks/bench_server.py                          # bundled model if present
-    python benchmarks/bench_server.py --requests 1000 --concurrency 16
-    python benchmarks/bench_server.py --dict runs/my_dict      # a trained, analysed dictionary
+    python benchmarks/bench_server.py                      # bundled model
+    python benchmarks/bench_server.py --seconds 60 --clients 64
+    python benchmarks/bench_server.py --dict runs/my_dict  # a trained, analysed dictionary
 """
 
 from __future__ import annotations
@@ -22,16 +25,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 HOOK = "blocks.0.mlp.hook_post"
+KEY = "bench-key-0123456789"
 TEXT = (
     "def read_config(path):\n    with open(path) as f:\n        return json.load(f)\n\n"
     "for key, value in sorted(config.items()):\n    print(key, value)\n"
 )
+ROLES = {"feature page": 20, "activations": 6, "top features": 3, "steer": 3}
+"""Clients per endpoint, out of 32; scaled to --clients."""
 
 
 def build_dictionary(tmp: Path, d_sae: int, n_tokens: int) -> tuple[Path, str]:
@@ -87,14 +94,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(dict_dir: Path, port: int) -> subprocess.Popen[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SAE_SERVE_MAX_QUEUE": "1024"}
+def start_server(dict_dir: Path, port: int, worker_process: bool) -> subprocess.Popen[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SAE_SERVE_API_KEY": KEY}
+    env["SAE_SERVE_WORKER_PROCESS"] = str(worker_process).lower()
     cmd = [sys.executable, "-m", "sae.cli", "serve", f"dict={dict_dir}", "--port", str(port)]
     cmd += ["--log-level", "warning"]
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
@@ -105,40 +113,113 @@ def start_server(dict_dir: Path, port: int) -> subprocess.Popen[str]:
             pass
         time.sleep(0.25)
     proc.kill()
-    raise SystemExit("server did not become ready in 120 s")
+    raise SystemExit("server did not become ready in 300 s")
 
 
-async def load(
-    url: str, make_request: Any, n: int, concurrency: int
-) -> tuple[list[float], float, int]:
-    """Send n requests, `concurrency` at a time; latencies (s), wall time (s), failures."""
-    latencies: list[float] = []
-    failures = 0
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(n):
-        queue.put_nowait(i)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+def rss_mib(pid: int) -> float:
+    """Resident memory of `pid` and its children (the model process), in MiB."""
+    pids, total = [pid], 0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                pids.append(int(entry.name))
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
 
-        async def worker() -> None:
-            nonlocal failures
-            while not queue.empty():
-                i = queue.get_nowait()
-                method, path, body = make_request(i)
+
+def requests_for(d_sae: int, rng: random.Random) -> dict[str, Any]:
+    def feature_page(i: int) -> tuple[str, str, Any]:
+        return "GET", f"/api/features/dict/{rng.randrange(d_sae)}", None
+
+    def activations(i: int) -> tuple[str, str, Any]:
+        feats = [f"dict/{rng.randrange(d_sae)}" for _ in range(4)]
+        return "POST", "/api/activations", {"text": TEXT + f"# {i}\n", "features": feats}
+
+    def top_features(i: int) -> tuple[str, str, Any]:
+        body = {"text": TEXT + f"# {i}\n", "dictionary": "dict", "k": 5, "limit": 20}
+        return "POST", "/api/top-features", body
+
+    def steer(i: int) -> tuple[str, str, Any]:
+        iv = [{"feature": f"dict/{rng.randrange(d_sae)}", "strength": 2.0}]
+        body = {"prompt": TEXT[:60], "interventions": iv, "max_new_tokens": 8}
+        return "POST", "/api/steer", body
+
+    return {
+        "feature page": feature_page,
+        "activations": activations,
+        "top features": top_features,
+        "steer": steer,
+    }
+
+
+async def mixed_load(
+    url: str, make: dict[str, Any], clients: int, seconds: float, pid: int
+) -> tuple[dict[str, list[tuple[float, int]]], float]:
+    """Closed-loop clients by ROLES for `seconds`: (status, latency) per endpoint, peak RSS."""
+    results: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    scale = clients / sum(ROLES.values())
+    roles = [r for r, n in ROLES.items() for _ in range(max(1, round(n * scale)))]
+    limits = httpx.Limits(max_connections=len(roles), max_keepalive_connections=len(roles))
+    headers = {"Authorization": f"Bearer {KEY}"}
+    peak = 0.0
+    stop = time.monotonic() + seconds
+    async with httpx.AsyncClient(
+        base_url=url, timeout=120, limits=limits, headers=headers
+    ) as client:
+
+        async def run(role: str) -> None:
+            i = 0
+            while time.monotonic() < stop:
+                method, path, body = make[role](i)
                 t0 = time.perf_counter()
                 r = await client.request(method, path, json=body)
-                latencies.append(time.perf_counter() - t0)
-                failures += r.status_code != 200
+                results[role].append((time.perf_counter() - t0, r.status_code))
+                i += 1
+                if r.status_code == 503:  # shed: back off as Retry-After asks
+                    await asyncio.sleep(float(r.headers.get("retry-after", "1")))
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
-    return latencies, wall, failures
+        async def watch() -> None:
+            nonlocal peak
+            while time.monotonic() < stop:
+                peak = max(peak, rss_mib(pid))
+                await asyncio.sleep(0.5)
+
+        await asyncio.gather(watch(), *(run(r) for r in roles))
+    return results, peak
 
 
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))] if s else float("nan")
+
+
+def run_one(dict_dir: Path, worker_process: bool, args: argparse.Namespace) -> dict[str, Any]:
+    port = free_port()
+    proc = start_server(dict_dir, port, worker_process)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        d_sae = httpx.get(f"{url}/api/dictionaries/dict").json()["d_sae"]
+        make = requests_for(d_sae, random.Random(0))
+        asyncio.run(mixed_load(url, make, args.clients, 3.0, proc.pid))  # warm-up
+        time.sleep(2)
+        before = rss_mib(proc.pid)
+        results, peak = asyncio.run(mixed_load(url, make, args.clients, args.seconds, proc.pid))
+        time.sleep(10)
+        after = rss_mib(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    return {"results": results, "rss": (before, peak, after)}
 
 
 def main() -> None:
@@ -148,67 +229,50 @@ def main() -> None:
     ap.add_argument("--dict", help="an analysed dictionary directory (default: built here)")
     ap.add_argument("--d-sae", type=int, default=4096)
     ap.add_argument("--analysis-tokens", type=int, default=16384)
-    ap.add_argument("--requests", type=int, default=400, help="requests per scenario")
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=20.0)
     args = ap.parse_args()
-    rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
         if args.dict:
             dict_dir, desc = Path(args.dict), args.dict
         else:
             dict_dir, desc = build_dictionary(Path(tmp), args.d_sae, args.analysis_tokens)
-        port = free_port()
-        proc = start_server(dict_dir, port)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            d_sae = httpx.get(f"{url}/api/dictionaries/dict").json()["d_sae"]
-            n_tokens = len(
-                httpx.post(
-                    f"{url}/api/activations", json={"text": TEXT, "features": ["dict/0"]}
-                ).json()["tokens"]
-            )
-            scenarios = {
-                "feature page (GET, 10 examples)": lambda i: (
-                    "GET",
-                    f"/api/features/dict/{rng.randrange(d_sae)}",
-                    None,
-                ),
-                "batch read (8 features, 2 ex.)": lambda i: (
-                    "POST",
-                    "/api/features/batch",
-                    {
-                        "features": [f"dict/{rng.randrange(d_sae)}" for _ in range(8)],
-                        "examples_limit": 2,
-                    },
-                ),
-                f"text activations ({n_tokens} tok, 4 feat.)": lambda i: (
-                    "POST",
-                    "/api/activations",
-                    {
-                        "text": TEXT + f"# {i}\n",
-                        "features": [f"dict/{rng.randrange(d_sae)}" for _ in range(4)],
-                    },
-                ),
-                f"top features ({n_tokens} tok)": lambda i: (
-                    "POST",
-                    "/api/top-features",
-                    {"text": TEXT + f"# {i}\n", "dictionary": "dict", "k": 5, "limit": 20},
-                ),
-            }
-            print(f"model + dictionary: {desc}")
+        runs = {
+            "model process": run_one(dict_dir, True, args),
+            "model thread": run_one(dict_dir, False, args),
+        }
+    print(f"model + dictionary: {desc}")
+    print(
+        f"{args.clients} closed-loop clients for {args.seconds:.0f} s ({os.cpu_count()} CPUs); "
+        f"clients per endpoint {ROLES} (of 32); server: sae serve in its own process"
+    )
+    head = f"{'endpoint':14s} {'model in':14s} {'req/s':>7s} {'p50 ms':>8s} {'p99 ms':>8s} {'shed':>6s} {'errors':>6s}"
+    print(head)
+    for role in ROLES:
+        for name, run in runs.items():
+            rows = run["results"][role]
+            ok = [t for t, s in rows if s == 200]
+            shed = sum(s == 503 for _, s in rows)
+            errors = sum(s not in (200, 503) for _, s in rows)
             print(
-                f"server: separate process on {url}; client: this process, concurrency {args.concurrency}, {args.requests} requests per scenario"
+                f"{role:14s} {name:14s} {len(rows) / args.seconds:7.1f} {pct(ok, 0.5) * 1e3:8.1f} "
+                f"{pct(ok, 0.99) * 1e3:8.1f} {shed / max(1, len(rows)):6.1%} {errors:6d}"
             )
-            print(f"{'scenario':38s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>8s} {'failed':>7s}")
-            for name, make in scenarios.items():
-                asyncio.run(load(url, make, min(20, args.requests), args.concurrency))  # warm-up
-                lat, wall, failed = asyncio.run(load(url, make, args.requests, args.concurrency))
-                print(
-                    f"{name:38s} {pct(lat, 0.5) * 1e3:8.1f} {pct(lat, 0.99) * 1e3:8.1f} {len(lat) / wall:8.1f} {failed:7d}"
-                )
-        finally:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=30)
+    p99 = {
+        name: pct([t for t, s in run["results"]["feature page"] if s == 200], 0.99)
+        for name, run in runs.items()
+    }
+    print(
+        f"feature page p99: {p99['model thread'] * 1e3:.1f} ms with the model on a thread, "
+        f"{p99['model process'] * 1e3:.1f} ms in its own process "
+        f"({p99['model thread'] / p99['model process']:.1f}x)"
+    )
+    for name, run in runs.items():
+        before, peak, after = run["rss"]
+        print(
+            f"server RSS, model {name.split()[1]:8s}: before {before:.0f} MiB, peak {peak:.0f} MiB, "
+            f"10 s after {after:.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

@@ -1,30 +1,31 @@
-"""Training throughput, and the same as a fraction of this machine's matmul peak, both
-measured in one run on the same shapes.
+"""Training step time with the dense backward and with the sparse-gradient path, side by side,
+measured in one run on the same batches, plus both as a fraction of this machine's matmul peak.
 
-A dictionary training step is six matmuls of B x D x F (encoder and decoder forward, and two
-gradients of each backward: the encoder's input gradient is needed because b_dec is
-subtracted from the input before encoding): 12 B D F floating-point operations, plus
-elementwise work, the optimizer step and bookkeeping. The "peak" is those same six matmuls
-timed bare, so the ratio says how much of the achievable time the trainer spends on anything
-else.
-Trainer time is the difference of two runs of different lengths (start-up cancels out).
+A dense training step is five matmuls of B x D x F (encoder forward, decoder forward, the
+codes' and W_dec's gradients through the decoder, W_enc's gradient): 10 B D F floating-point
+operations. The sparse path (TrainConfig.sparse_grad, sae/sparse_grad.py) keeps only the
+encoder forward dense. The "peak" is those five matmuls timed bare.
 
-    .venv/bin/python benchmarks/bench_train.py
-    .venv/bin/python benchmarks/bench_train.py --d-in 768 --d-sae 24576 --batch 4096 --device cuda
+Steps are whole member steps (forward, backward, decoder constraint, Adam, firing counters).
+Their speed depends on how many codes fire, so each dictionary starts with its encoder bias
+set to give `--l0` active features per token (topk: k = --l0), the state of a dictionary
+after the sparsity warm-up; the first steps of an L1 run, when most features fire, run dense.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_train.py --threads 1
+    .venv/bin/python benchmarks/bench_train.py --d-in 768 --d-sae 24576 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import tempfile
+import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from training.config import DictionaryShape, LoggingConfig, ObjectiveConfig, TrainConfig
-from training.trainer import Trainer
+from training.config import DictionaryShape, ObjectiveConfig, ResampleConfig, TrainConfig
+from training.distributed import DistInfo
+from training.member import Member
 
 
 def sync(device: torch.device) -> None:
@@ -33,7 +34,7 @@ def sync(device: torch.device) -> None:
 
 
 def matmul_peak(b: int, d: int, f: int, device: torch.device, reps: int) -> float:
-    """FLOP/s of the six matmuls of one training step, timed bare (best of `reps`)."""
+    """FLOP/s of the five matmuls of one dense training step, timed bare (best of `reps`)."""
     x = torch.randn(b, d, device=device)
     w_enc = torch.randn(d, f, device=device)
     w_dec = torch.randn(f, d, device=device)
@@ -46,7 +47,6 @@ def matmul_peak(b: int, d: int, f: int, device: torch.device, reps: int) -> floa
         g_acts = grad_out @ w_dec.T  # decoder backward: d acts
         _ = acts.T @ grad_out  # decoder backward: d W_dec
         _ = x.T @ g_acts  # encoder backward: d W_enc
-        _ = g_acts @ w_enc.T  # encoder backward: d (x - b_dec), for b_dec's gradient
 
     step()
     best = float("inf")
@@ -56,21 +56,54 @@ def matmul_peak(b: int, d: int, f: int, device: torch.device, reps: int) -> floa
         step()
         sync(device)
         best = min(best, time.perf_counter() - t0)
-    return 12 * b * d * f / best
+    return 10 * b * d * f / best
 
 
-def train_seconds(cfg: TrainConfig, d_in: int, batches: list[torch.Tensor]) -> float:
-    t0 = time.perf_counter()
-    Trainer(cfg, d_in).fit(batches)
-    return time.perf_counter() - t0
+def member(args: argparse.Namespace, name: str, sparse: bool, x0: torch.Tensor) -> Member:
+    """A member whose codes fire about args.l0 times per token on x0."""
+    b, d, f = args.batch, args.d_in, args.d_sae
+    cfg = TrainConfig(
+        total_tokens=10**9,
+        batch_size=b,
+        device=args.device,
+        autocast=args.autocast,
+        compile=args.compile,
+        sparse_grad=sparse,
+        dictionary=DictionaryShape(d_sae=f, b_dec_init="mean"),
+        objective=ObjectiveConfig(name=name, k=args.l0, l1_warmup_fraction=0.0),
+        resample=ResampleConfig(enabled=False),
+    )
+    device = torch.device(args.device)
+    m = Member(name, cfg, d, device, DistInfo())
+    m.initialize(x0, 1.0)
+    with torch.no_grad():
+        pre = m.dictionary.pre_activations(x0.to(device))
+        m.dictionary.b_enc.sub_(pre.flatten().topk(args.l0 * x0.shape[0]).values.min())
+    return m
+
+
+def step_seconds(m: Member, batches: list[torch.Tensor], device: torch.device) -> list[float]:
+    """Seconds of each step after the first (allocator, kernels and compile warm up there)."""
+    times = []
+    tokens = 0
+    for step, x in enumerate(batches):
+        sync(device)
+        t0 = time.perf_counter()
+        m.train_step(x, step, tokens + x.shape[0], want_metrics=False, tokens_before=tokens)
+        sync(device)
+        tokens += x.shape[0]
+        if step > 0:
+            times.append(time.perf_counter() - t0)
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--d-in", type=int, default=256)
-    parser.add_argument("--d-sae", type=int, default=2048)
-    parser.add_argument("--batch", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=12, help="steps of the longer run")
+    parser.add_argument("--d-in", type=int, default=512)
+    parser.add_argument("--d-sae", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--l0", type=int, default=32, help="active features per token")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per path")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--objectives", nargs="+", default=["relu_l1", "topk_auxk"])
     parser.add_argument("--autocast", choices=["none", "bf16"], default="none")
@@ -81,42 +114,32 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     b, d, f = args.batch, args.d_in, args.d_sae
-    short = max(2, args.steps // 3)
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randn(b, d, generator=gen).to(device) for _ in range(args.steps)]
-
+    # Correlated inputs (a random mixing of Gaussian sources), so features differ in scale.
+    mixing = torch.randn(d, d, generator=gen) / d**0.5
+    batches = [
+        (torch.randn(b, d, generator=gen) @ mixing).to(device) for _ in range(args.steps + 1)
+    ]
+    peak = matmul_peak(b, d, f, device, reps=3)
     print(
-        f"shapes B={b} D={d} F={f} on {device} ({torch.get_num_threads()} threads), "
-        f"autocast {args.autocast}, compile {args.compile}"
+        f"shapes B={b} D={d} F={f} L0={args.l0} on {device} ({torch.get_num_threads()} threads), "
+        f"autocast {args.autocast}, compile {args.compile}; dense matmul peak {peak / 1e9:.1f} GF/s"
     )
     print(
-        f"{'objective':12s} {'tokens/s':>10s} {'step ms':>9s} {'matmul peak':>12s} {'fraction':>9s}"
+        f"{'objective':12s} {'dense ms':>9s} {'sparse ms':>10s} {'dense tok/s':>12s} "
+        f"{'sparse tok/s':>13s} {'speed-up':>9s} {'dense/peak':>11s}"
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.objectives:
-            cfg = TrainConfig(
-                total_tokens=args.steps * b,
-                batch_size=b,
-                out_dir=Path(tmp) / name,
-                device=str(device),
-                autocast=args.autocast,
-                compile=args.compile,
-                checkpoint_every_steps=0,
-                dictionary=DictionaryShape(d_sae=f, init_tokens=b, b_dec_init="mean"),
-                objective=ObjectiveConfig(name=name, k=32),
-                logging=LoggingConfig(log_every_steps=10**9, progress=False, plots=False),
+    for name in args.objectives:
+        median = {}
+        for sparse in (False, True):
+            median[sparse] = statistics.median(
+                step_seconds(member(args, name, sparse, batches[0]), batches, device)
             )
-            shorter = dataclasses.replace(cfg, total_tokens=short * b)
-            train_seconds(shorter, d, batches)  # warm-up: allocator, kernels, compile
-            long_s = train_seconds(cfg, d, batches)
-            short_s = train_seconds(shorter, d, batches)
-            step_s = max(long_s - short_s, 1e-9) / (args.steps - short)
-            peak = matmul_peak(b, d, f, device, reps=5)
-            achieved = 12 * b * d * f / step_s
-            print(
-                f"{name:12s} {b / step_s:10,.0f} {step_s * 1e3:9.1f} "
-                f"{peak / 1e9:9.1f} GF/s {achieved / peak:9.1%}"
-            )
+        dense_s, sparse_s = median[False], median[True]
+        print(
+            f"{name:12s} {dense_s * 1e3:9.1f} {sparse_s * 1e3:10.1f} {b / dense_s:12,.0f} "
+            f"{b / sparse_s:13,.0f} {dense_s / sparse_s:8.2f}x {10 * b * d * f / dense_s / peak:11.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ activation function (relu, topk, jumprelu, ...):
 
 An architecture is one small file that subclasses `Dictionary`, overrides `activation`
 (and, where it has extra parameters, `extra_parameters`), and registers itself by name with
-`@register("name")`. Training objectives live in `training/`, never here.
+`@register("name")`. Where its codes are sparse it also overrides `active_codes`, and `forward`
+then backpropagates through the active codes only (sae/sparse_grad.py); `dense_forward` is the
+plain reference. Training objectives live in `training/`, never here.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from sae.registry import register_class
+from sae.sparse_grad import ActiveCodes, sparse_forward
 
 ARCHITECTURES: dict[str, type[Dictionary]] = {}
 
@@ -77,7 +80,8 @@ class ForwardOutput(NamedTuple):
     feature_acts: Float[Tensor, "B F"]
     """Dense feature activations f (zeros where inactive)."""
     pre_acts: Float[Tensor, "B F"]
-    """Pre-activations W_enc^T (x - b_dec) + b_enc, before the activation function."""
+    """Pre-activations W_enc^T (x - b_dec) + b_enc, before the activation function. Detached
+    when the forward took the sparse path: differentiate through `sae.sparse_grad.gather_pre_acts`."""
 
 
 class Dictionary(nn.Module):
@@ -86,6 +90,9 @@ class Dictionary(nn.Module):
     architecture: ClassVar[str] = ""
     needs_k: ClassVar[bool] = False
     """The architecture keeps a fixed number `cfg.k` of features per row (topk, batchtopk)."""
+    sparse_grad: bool = True
+    """`forward` backpropagates through the active codes only, when the architecture has
+    `active_codes` and they are sparse enough (exact; False: always the dense reference)."""
 
     def __init__(self, cfg: DictionaryConfig) -> None:
         if self.needs_k and (cfg.k is None or not 1 <= cfg.k <= cfg.d_sae):
@@ -111,6 +118,13 @@ class Dictionary(nn.Module):
         """The architecture's nonlinearity: pre-activations to dense codes."""
         raise NotImplementedError
 
+    def active_codes(self, pre_acts: Float[Tensor, "B F"]) -> ActiveCodes | None:
+        """The codes `activation(pre_acts)` may make nonzero, or None for the dense path.
+
+        Every other code must be 0 with no gradient to its pre-activation; the active ones are
+        relu(pre_acts) at these pairs (a pair whose pre-activation is <= 0 is allowed)."""
+        return None
+
     # -- the shared form ----------------------------------------------------------------------
     @property
     def d_in(self) -> int:
@@ -129,13 +143,14 @@ class Dictionary(nn.Module):
         return self.W_enc.dtype
 
     def pre_activations(self, x: Float[Tensor, "B D"]) -> Float[Tensor, "B F"]:
-        pre = x @ self.W_enc + self.b_enc
+        bias: Tensor = self.b_enc
         if self.cfg.apply_b_dec_to_input:
             # (x - b_dec) W_enc written as x W_enc - b_dec W_enc: the same value, but b_dec's
             # gradient does not need the [B, D] input gradient, which would be a sixth big
-            # matmul in a training step (a sixth of a relu step, a third of a topk step).
-            pre = pre - self.b_dec @ self.W_enc
-        return pre
+            # matmul in a training step; folded into the bias, one addmm does the rest.
+            bias = bias - self.b_dec @ self.W_enc
+        pre = torch.addmm(bias, x.reshape(-1, self.d_in), self.W_enc)
+        return pre.reshape(*x.shape[:-1], self.d_sae)
 
     def encode(self, x: Float[Tensor, "B D"]) -> Float[Tensor, "B F"]:
         """Dense feature activations f for inputs x (any leading dims)."""
@@ -170,7 +185,25 @@ class Dictionary(nn.Module):
         return (out + self.b_dec).reshape(*lead, self.d_in)
 
     def forward(self, x: Float[Tensor, "B D"]) -> ForwardOutput:
+        """Reconstruction, codes and pre-activations; the sparse path when `sparse_grad`."""
         pre = self.pre_activations(x)
+        if self.sparse_grad and x.dim() == 2:
+            out = self._sparse_output(x, pre.detach())
+            if out is not None:
+                return out
+        return self.dense_output(pre)
+
+    @torch.compiler.disable  # data-dependent shapes: compiled graphs stop around this step
+    def _sparse_output(self, x: Tensor, pre: Tensor) -> ForwardOutput | None:
+        codes = self.active_codes(pre)
+        return None if codes is None else sparse_forward(self, x, pre, codes)
+
+    def dense_forward(self, x: Float[Tensor, "B D"]) -> ForwardOutput:
+        """The plain reference: dense codes, dense decode, dense gradients."""
+        return self.dense_output(self.pre_activations(x))
+
+    def dense_output(self, pre: Float[Tensor, "B F"]) -> ForwardOutput:
+        """ForwardOutput from pre-activations through `activation` and `decode`."""
         f = self.activation(pre)
         return ForwardOutput(x_hat=self.decode(f), feature_acts=f, pre_acts=pre)
 

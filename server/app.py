@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
@@ -20,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.deps import AppState, load_state
 from server.errors import error_response, install_error_handlers
+from server.limits import document_limits
 from server.routers import dictionaries, features, health, text
 from server.schemas import ErrorBody
 from server.security import PAGE_HEADERS, HostCheck, trusted_hosts
@@ -115,6 +117,14 @@ def create_app(settings: ServerSettings | None = None, state: AppState | None = 
         },
     )
     install_error_handlers(app)
+    generate_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:  # generated once, then cached by FastAPI
+            document_limits(generate_openapi(), settings)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
     for r in (health.router, dictionaries.router, features.router, text.router):
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

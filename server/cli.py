@@ -53,6 +53,12 @@ def run(args: argparse.Namespace) -> int:
     if generated:
         settings = dataclasses.replace(settings, api_key=secrets.token_urlsafe(18))
     logging.getLogger().setLevel(settings.log_level.upper())
+    if settings.worker_process:
+        import torch
+
+        # The model runs in its own process; here torch computes only small things (logit
+        # effects of an unanalysed feature), and more threads would contend with the reads.
+        torch.set_num_threads(1)
     # Load before listening: a bad dictionary is a one-line error, not a failed lifespan.
     state = load_state(settings)
     app = create_app(state=state)

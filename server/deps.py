@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi import Path as PathParam
@@ -25,6 +25,9 @@ from server.errors import ApiError, not_found
 from server.schemas import ADDRESS_RE, DictionaryInfo
 from server.settings import ServerSettings, spec_name, spec_path
 from server.worker import ModelQueue
+
+if TYPE_CHECKING:
+    from server.model_process import ModelProcess
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +122,17 @@ class AppState:
     queue: ModelQueue
     limiter: RateLimiter | None = None
     """Per-client quota on model requests; None when `rate_limit` is 0."""
+    model_process: ModelProcess | None = None
+    """Where text requests run when `worker_process` is on; None: on `queue` here."""
+
+    @property
+    def pending(self) -> int:
+        """Model requests admitted and not answered yet."""
+        return (self.model_process or self.queue).pending
 
     def close(self) -> None:
+        if self.model_process is not None:
+            self.model_process.close()
         self.queue.close()
         for sd in self.dictionaries.values():
             if sd.store is not None:
@@ -148,12 +160,28 @@ class AppState:
 
 
 def load_state(settings: ServerSettings) -> AppState:
-    """Load every dictionary, its store and the models they need. Slow; run it once."""
+    """Load every dictionary, its store and the models they need, and start the model
+    process if `worker_process` is on (it loads its own copy meanwhile). Slow; run it once."""
+    if not settings.dictionaries:
+        raise UserError("no dictionary to serve; pass at least one dictionary directory")
+    if not settings.worker_process:
+        return _load(settings, None)
+    from server.model_process import ModelProcess
+
+    process = ModelProcess(settings)
+    try:
+        state = _load(settings, process)
+        process.wait_ready()
+    except BaseException:
+        process.close()
+        raise
+    return state
+
+
+def _load(settings: ServerSettings, process: ModelProcess | None) -> AppState:
     from activations.model import load_model
     from sae.io import load_dictionary
 
-    if not settings.dictionaries:
-        raise UserError("no dictionary to serve; pass at least one dictionary directory")
     served: dict[str, ServedDictionary] = {}
     models: dict[str, Any] = {}
     for spec in settings.dictionaries:
@@ -181,7 +209,7 @@ def load_state(settings: ServerSettings) -> AppState:
             "analysed" if served[name].has_analysis() else "no analysis",
         )
     limiter = RateLimiter(settings.rate_limit) if settings.rate_limit else None
-    return AppState(settings, served, models, ModelQueue(settings.max_queue), limiter)
+    return AppState(settings, served, models, ModelQueue(settings.max_queue), limiter, process)
 
 
 # -- dependencies ---------------------------------------------------------------------------------

@@ -66,8 +66,6 @@ def feature_response(
     histogram: Histogram | None = None
     if store is not None and store.has_statistics():
         rec = store.feature(fid)
-        n_top = store.meta().n_top
-        examples = store.top_examples(fid, 0, n_top)
         labels = [_label(lab) for lab in rec.labels]
         stats = FeatureStats(
             max_activation=rec.max_act,
@@ -86,10 +84,10 @@ def feature_response(
             ],
         )
         page = ExamplePage(
-            items=[_example(e) for e in examples[offset : offset + limit]],
+            items=[_example(e) for e in store.top_examples(fid, offset, limit)],
             offset=offset,
             limit=limit,
-            total=len(examples),
+            total=store.example_count(fid),
         )
     else:
         labels = [_label(lab) for lab in store.labels(fid)] if store is not None else []

@@ -3,7 +3,8 @@ parts), each field described, so /docs is the reference for HTTP users.
 
 A feature is addressed as `DICTIONARY/FEATURE_ID` everywhere (URL path or JSON string), the
 same address whatever server serves it. Hard upper bounds here stop absurd requests in
-validation (422); the tighter, configurable limits are in `ServerSettings`.
+validation (422); the configurable ones are `ServerSettings` fields, enforced and written
+into the OpenAPI schema by server/limits.py.
 """
 
 from __future__ import annotations
@@ -167,8 +168,8 @@ class FeaturePage(BaseModel):
 
 
 class BatchFeaturesRequest(_Body):
-    features: list[FeatureAddress] = Field(min_length=1, max_length=1000)
-    examples_limit: int = Field(default=5, ge=0, le=1000, description="Top examples per feature.")
+    features: list[FeatureAddress] = Field(min_length=1, description="Features to read.")
+    examples_limit: int = Field(default=5, ge=0, description="Top examples per feature.")
 
 
 class BatchFeaturesResponse(BaseModel):
@@ -187,9 +188,7 @@ class LabelRequest(_Body):
 # -- text ---------------------------------------------------------------------------------------
 class ActivationsRequest(_Body):
     text: Text
-    features: list[FeatureAddress] = Field(
-        min_length=1, max_length=1000, description="Features to read."
-    )
+    features: list[FeatureAddress] = Field(min_length=1, description="Features to read.")
 
 
 class FeatureTrace(BaseModel):
@@ -210,7 +209,7 @@ class TopFeaturesRequest(_Body):
     text: Text
     dictionary: str = Field(min_length=1, max_length=200, description="Served dictionary name.")
     k: int = Field(default=5, ge=1, le=100, description="Features kept per token.")
-    limit: int = Field(default=20, ge=1, le=1000, description="Features kept overall.")
+    limit: int = Field(default=20, ge=1, description="Features kept overall.")
 
 
 class TokenFeature(BaseModel):
@@ -257,8 +256,8 @@ class Intervention(_Body):
 
 class SteerRequest(_Body):
     prompt: Text
-    interventions: list[Intervention] = Field(min_length=1, max_length=1000)
-    max_new_tokens: int = Field(default=16, ge=1, le=10_000)
+    interventions: list[Intervention] = Field(min_length=1)
+    max_new_tokens: int = Field(default=16, ge=1, description="Tokens to generate at most.")
     temperature: float = Field(default=0.0, ge=0.0, le=10.0, description="0 = greedy decoding.")
     top_k: int | None = Field(
         default=None, ge=1, le=1_000_000, description="Sample only from the k likeliest tokens."

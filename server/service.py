@@ -12,7 +12,8 @@ import torch
 from activations.text import special_ids
 from server.deps import AppState, ServedDictionary
 from server.errors import ApiError
-from server.inference import LimitExceeded, token_strings, tokenize
+from server.inference import token_strings, tokenize
+from server.limits import check_body
 from server.schemas import (
     ActivationsRequest,
     ActivationsResponse,
@@ -30,11 +31,6 @@ from server.schemas import (
 from server.steering import Steer, generate, prompt_norm_unit, steering_hooks
 
 
-def _check_batch(state: AppState, n: int, what: str) -> None:
-    if n > state.settings.max_batch:
-        raise LimitExceeded(f"{n} {what}; the limit is {state.settings.max_batch}")
-
-
 def _one_model(state: AppState, dictionaries: list[ServedDictionary]) -> Any:
     keys = {sd.model_key for sd in dictionaries}
     if len(keys) > 1:
@@ -49,7 +45,7 @@ def _one_model(state: AppState, dictionaries: list[ServedDictionary]) -> Any:
 @torch.no_grad()
 def activations(state: AppState, req: ActivationsRequest) -> ActivationsResponse:
     """Each requested feature's activation on every token of the text."""
-    _check_batch(state, len(req.features), "features")
+    check_body(state.settings, req)
     resolved = [state.resolve(a) for a in req.features]
     model = _one_model(state, [sd for sd, _ in resolved])
     s = state.settings
@@ -79,9 +75,8 @@ def activations(state: AppState, req: ActivationsRequest) -> ActivationsResponse
 def top_features(state: AppState, req: TopFeaturesRequest) -> TopFeaturesResponse:
     """The strongest features of each token, and over the whole text."""
     sd = state.get(req.dictionary)
+    check_body(state.settings, req)
     s = state.settings
-    if req.limit > s.max_page:
-        raise LimitExceeded(f"limit {req.limit}; the limit is {s.max_page}")
     model = state.model_for(sd)
     d = sd.dictionary
     ids = tokenize(model, req.text, s.max_prompt_tokens, s.prepend_bos)
@@ -131,10 +126,8 @@ def _max_act(sd: ServedDictionary, fid: int) -> float:
 @torch.no_grad()
 def steer(state: AppState, req: SteerRequest) -> SteerResponse:
     """Baseline and steered continuations of the prompt, same decoding and seed."""
+    check_body(state.settings, req)
     s = state.settings
-    _check_batch(state, len(req.interventions), "interventions")
-    if req.max_new_tokens > s.max_new_tokens:
-        raise LimitExceeded(f"max_new_tokens {req.max_new_tokens}; the limit is {s.max_new_tokens}")
     resolved = [state.resolve(iv.feature) for iv in req.interventions]
     model = _one_model(state, [sd for sd, _ in resolved])
     prompt = tokenize(model, req.prompt, s.max_prompt_tokens, s.prepend_bos)

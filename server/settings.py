@@ -71,8 +71,14 @@ class ServerSettings:
     rate_limit: int = 0
     """Model requests (text activations, top features, steering) allowed per client address
     per minute; more get 429 with Retry-After. 0: no limit."""
-    max_queue: int = 16
-    """Most model jobs waiting at once; more get 503 with Retry-After (back-pressure)."""
+    max_queue: int = 64
+    """Most model requests waiting or running at once; more get 503 with Retry-After
+    (back-pressure). Concurrent activation requests share one forward pass, so this many can
+    be served together; beyond it the queue sheds."""
+    worker_process: bool = True
+    """Run the model (text activations, top features, steering) in its own process at a lower
+    CPU priority, so feature reads never wait behind it; false: on a thread of the server
+    process (less memory: one copy of the model)."""
     log_level: LogLevel = "info"
     """Server log level."""
 

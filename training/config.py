@@ -149,7 +149,8 @@ class ResampleConfig:
     "Neuron Resampling")."""
 
     enabled: bool | None = None
-    """Resample dead features (default: on for the L1 objectives, off for the others)."""
+    """Resample dead features (default: on for relu_l1, the 2023 recipe; off for the others,
+    relu_l1_2024 included)."""
     count: int = 4
     """Resampling points, evenly spaced after the sparsity warm-up: the stretch from its end to
     stop_fraction is cut into count + 1 equal parts and resampling happens at the inner cuts, so
@@ -252,6 +253,10 @@ class TrainConfig:
     """Run the forward pass under bf16 autocast (weights and optimizer stay float32)."""
     compile: bool = False
     """torch.compile the dictionary's forward pass."""
+    sparse_grad: bool = True
+    """Backpropagate through the active codes only (relu, topk, batchtopk): the encoder and
+    decoder gradients cost O(batch x L0 x d_in) instead of O(batch x d_sae x d_in). Exact (the
+    dense gradients); steps with more than 1/8 of codes active run dense. false: always dense."""
     checkpoint_every_steps: int = 1000
     """Save the training state every this many steps (0: only at the end and on a signal)."""
     dictionary: DictionaryShape = field(default_factory=DictionaryShape)
@@ -280,7 +285,7 @@ class TrainConfig:
     def resample_enabled(self) -> bool:
         if self.resample.enabled is not None:
             return self.resample.enabled
-        return OBJECTIVES[self.objective.name].sparsity_penalty == "l1"
+        return OBJECTIVES[self.objective.name].resamples
 
     def sparsity_warmup_tokens(self) -> int:
         """Tokens of the sparsity penalty's linear ramp (0 for objectives without one)."""

@@ -43,6 +43,7 @@ class Member:
         dcfg.hook_name = cfg.dictionary.hook_name
         dcfg.model_name = cfg.dictionary.model_name
         self.dictionary: Dictionary = build(dcfg).to(device)
+        self.dictionary.sparse_grad = cfg.sparse_grad
         # The compiled module shares parameters with `dictionary`; objectives call it for the
         # forward pass, constraints and saving use the plain module.
         self.forward_module: Any = (
@@ -175,7 +176,7 @@ class Member:
         revived = self.revival.close_if_done(force=crossed(self.resample_points, tokens_before,
                                                            tokens_after))  # fmt: skip
         if revived is not None:
-            self._event_row["resample/revived"] = float(revived)
+            self._add_event({"resample/revived": revived})
             logger.info(
                 "%s: %d of the features resampled last fired within %d tokens",
                 self.name, revived, self.revival.tokens,
@@ -203,7 +204,7 @@ class Member:
         self.firing.tokens_since_fired[ids] = 0
         self.n_resampled += n
         self.revival.start(ids)
-        self._event_row.update({"resample/dead": float(n), "resample/resampled": float(n)})
+        self._add_event({"resample/dead": int(dead.sum()), "resample/resampled": n})
         logger.info(
             "%s: resampled %d dead feature(s) of %d at %d tokens (dead: no firing in %d tokens; "
             "%d candidate inputs)",
@@ -211,6 +212,11 @@ class Member:
             inputs.shape[0],
         )  # fmt: skip
         return n
+
+    def _add_event(self, counts: dict[str, int]) -> None:
+        """Counts for the next log row, summed over the events since the last one."""
+        for key, value in counts.items():
+            self._event_row[key] = self._event_row.get(key, 0.0) + value
 
     def log_row(self, dense_threshold: float) -> dict[str, float]:
         """Density over the trailing window, and resampling events since the last row."""

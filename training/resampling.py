@@ -146,7 +146,8 @@ class ResampleSample:
     @classmethod
     def for_configs(cls, cfgs: Sequence[TrainConfig]) -> ResampleSample:
         """One sample for every member of a run: the union of their points, the largest sample,
-        and the stretch of the longest window, at most 8 samples long."""
+        and the stretch of the longest window, at most 8 samples long. (Members whose points
+        differ share it: each draws from what was gathered since the last point of any.)"""
         return cls(
             [p for c in cfgs for p in c.resample_points()],
             max(c.resample.sample_tokens for c in cfgs),
@@ -161,7 +162,7 @@ class ResampleSample:
             return
         k = min(n, math.ceil(n * self.sample_tokens / self.stretch_tokens))
         rows = torch.randperm(n, generator=self.generator)[:k]
-        self.chunks.append(x.detach()[rows.to(x.device)].clone())
+        self.chunks.append(x.detach()[rows.to(x.device)])  # indexing copies the rows
 
     def rows(self) -> Tensor | None:
         """Everything gathered so far (None if nothing)."""

@@ -40,6 +40,7 @@ RESUME_MAY_CHANGE = frozenset(
         "out_dir",
         "device",
         "checkpoint_every_steps",
+        "sparse_grad",  # the same gradients either way
         "logging.progress",
         "logging.plots",
         "logging.wandb",

@@ -16,6 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sae.base import Dictionary, DictionaryConfig, EncoderOutput, register
+from sae.sparse_grad import ActiveCodes, codes_from_mask
 
 
 @register("batchtopk")
@@ -29,13 +30,22 @@ class BatchTopKDictionary(Dictionary):
         # A buffer, not a Parameter: the optimizer must not touch it, but it is saved.
         self.register_buffer("threshold", torch.tensor(-1.0))
 
-    def activation(self, pre_acts: Float[Tensor, "B F"]) -> Float[Tensor, "B F"]:
+    def _batch_topk(self, pre_acts: Float[Tensor, "B F"]) -> tuple[Tensor, Tensor]:
+        """The kept relu(pre) values and their indices into the flattened batch."""
         assert self.cfg.k is not None  # checked in __init__
-        flat = torch.relu(pre_acts).reshape(-1, pre_acts.shape[-1])
-        n_keep = min(self.cfg.k * flat.shape[0], flat.numel())
-        acts, idx = flat.flatten().topk(n_keep, sorted=False)
-        f = torch.zeros_like(flat.flatten()).scatter(-1, idx, acts)
-        return f.reshape(pre_acts.shape)
+        flat = torch.relu(pre_acts).flatten()
+        n_rows = flat.numel() // pre_acts.shape[-1]
+        return flat.topk(min(self.cfg.k * n_rows, flat.numel()), sorted=False)
+
+    def activation(self, pre_acts: Float[Tensor, "B F"]) -> Float[Tensor, "B F"]:
+        acts, idx = self._batch_topk(pre_acts)
+        f = torch.zeros(pre_acts.numel(), dtype=acts.dtype, device=acts.device)
+        return f.scatter(-1, idx, acts).reshape(pre_acts.shape)
+
+    def active_codes(self, pre_acts: Float[Tensor, "B F"]) -> ActiveCodes | None:
+        _, idx = self._batch_topk(pre_acts)
+        mask = torch.zeros(pre_acts.numel(), dtype=torch.bool, device=pre_acts.device)
+        return codes_from_mask(mask.index_fill_(0, idx, True).reshape(pre_acts.shape))
 
     def encode_sparse(self, x: Float[Tensor, "B D"], k: int | None = None) -> EncoderOutput:
         """Active features of each row; rows differ in L0, so k defaults to the batch's max."""

@@ -12,6 +12,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sae.base import Dictionary, register
+from sae.sparse_grad import ActiveCodes, codes_from_mask
 
 
 @register("jumprelu")
@@ -26,3 +27,7 @@ class JumpReluDictionary(Dictionary):
         # The ReLU matters only for negative thresholds (a threshold never crosses below 0 in
         # Gemma Scope's training, but foreign files may hold any value): we match their code.
         return torch.relu(pre_acts) * (pre_acts > self.threshold).to(pre_acts.dtype)
+
+    def active_codes(self, pre_acts: Float[Tensor, "B F"]) -> ActiveCodes | None:
+        # The threshold gets no gradient here (a comparison): its estimators are in training/.
+        return codes_from_mask((pre_acts > self.threshold) & (pre_acts > 0))

@@ -12,9 +12,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sae.base import Dictionary, register
+from sae.sparse_grad import ActiveCodes, codes_from_mask
 
 
 @register("relu")
 class ReluDictionary(Dictionary):
     def activation(self, pre_acts: Float[Tensor, "B F"]) -> Float[Tensor, "B F"]:
         return torch.relu(pre_acts)
+
+    def active_codes(self, pre_acts: Float[Tensor, "B F"]) -> ActiveCodes | None:
+        return codes_from_mask(pre_acts > 0)

@@ -14,13 +14,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sae.base import Dictionary, EncoderOutput, ForwardOutput, register
+from sae.sparse_grad import MAX_ACTIVE_FRACTION, ActiveCodes, codes_from_indices
 
 
 @register("topk")
 class TopKDictionary(Dictionary):
     needs_k: ClassVar[bool] = True
     sparse_decode: bool = True
-    """forward decodes through decode_sparse (O(B K D)); set False for the dense reference."""
+    """The dense forward decodes through decode_sparse (O(B K D)); False: f W_dec."""
 
     @property
     def k(self) -> int:
@@ -44,8 +45,12 @@ class TopKDictionary(Dictionary):
             acts, idx = acts[..., :k], idx[..., :k]
         return EncoderOutput(acts, idx)
 
-    def forward(self, x: Float[Tensor, "B D"]) -> ForwardOutput:
-        pre = self.pre_activations(x)
+    def active_codes(self, pre_acts: Float[Tensor, "B F"]) -> ActiveCodes | None:
+        if self.k > MAX_ACTIVE_FRACTION * self.d_sae:
+            return None
+        return codes_from_indices(self._topk(pre_acts).top_indices, self.d_sae)
+
+    def dense_output(self, pre: Float[Tensor, "B F"]) -> ForwardOutput:
         acts, idx = self._topk(pre)
         f = torch.zeros_like(pre).scatter(-1, idx, acts)
         x_hat = self.decode_sparse(acts, idx) if self.sparse_decode else self.decode(f)

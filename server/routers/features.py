@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Path, Query, status
 from server import features as svc
 from server.deps import DictionaryDep, ServedDictionary, StateDep, require_read, require_write
 from server.errors import not_found
-from server.inference import LimitExceeded
+from server.limits import check_body, page_size
 from server.schemas import (
     BatchFeaturesRequest,
     BatchFeaturesResponse,
@@ -25,19 +25,12 @@ FeatureId = Annotated[int, Path(ge=0, le=10**9, description="Index into the dict
 Offset = Annotated[int, Query(ge=0, le=10**9, description="Items to skip.")]
 Limit = Annotated[
     int | None,
-    Query(
-        ge=0, le=1000, description="Items to return (default and maximum: the server's max_page)."
-    ),
+    Query(ge=0, description="Items to return (default: a page, at most the server's max_page)."),
 ]
 
 
 def _page(state: StateDep, limit: int | None, default: int) -> int:
-    """The page size: `default` (at most max_page) if not given; over max_page is an error."""
-    if limit is None:
-        return min(default, state.settings.max_page)
-    if limit > state.settings.max_page:
-        raise LimitExceeded(f"limit {limit}; the limit is {state.settings.max_page}")
-    return limit
+    return page_size(state.settings, limit, default)
 
 
 def _feature_id(sd: ServedDictionary, feature_id: int) -> int:
@@ -87,11 +80,7 @@ def get_feature(
     dependencies=[Depends(require_read)],
 )
 def batch_features(state: StateDep, req: BatchFeaturesRequest) -> BatchFeaturesResponse:
-    if len(req.features) > state.settings.max_batch:
-        raise LimitExceeded(
-            f"{len(req.features)} features; the limit is {state.settings.max_batch}"
-        )
-    _page(state, req.examples_limit, 0)
+    check_body(state.settings, req)
     out = []
     for address in req.features:
         sd, fid = state.resolve(address)

@@ -26,5 +26,5 @@ async def readyz(request: Request) -> ReadyResponse:
         status="ready",
         dictionaries=len(state.dictionaries),
         models=sorted(state.models),
-        queue=state.queue.pending,
+        queue=state.pending,
     )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from server import service
 from server.deps import StateDep, model_quota, require_read, require_write
+from server.model_process import run_model_job
 from server.schemas import (
     ActivationsRequest,
     ActivationsResponse,
@@ -25,7 +25,7 @@ router = APIRouter(prefix="/api", tags=["text"])
     dependencies=[Depends(require_read), Depends(model_quota)],
 )
 async def activations(state: StateDep, req: ActivationsRequest) -> ActivationsResponse:
-    return await state.queue.run_in_pool(service.activations, state, req)
+    return await run_model_job(state, "activations", req)
 
 
 @router.post(
@@ -35,7 +35,7 @@ async def activations(state: StateDep, req: ActivationsRequest) -> ActivationsRe
     dependencies=[Depends(require_read), Depends(model_quota)],
 )
 async def top_features(state: StateDep, req: TopFeaturesRequest) -> TopFeaturesResponse:
-    return await state.queue.run_in_pool(service.top_features, state, req)
+    return await run_model_job(state, "top_features", req)
 
 
 @router.post(
@@ -45,4 +45,4 @@ async def top_features(state: StateDep, req: TopFeaturesRequest) -> TopFeaturesR
     dependencies=[Depends(require_write), Depends(model_quota)],
 )
 async def steer(state: StateDep, req: SteerRequest) -> SteerResponse:
-    return await state.queue.run(service.steer, state, req)
+    return await run_model_job(state, "steer", req)

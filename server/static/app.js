@@ -88,8 +88,10 @@ function currentDict() {
 
 const ORDERS = { feature_id: "feature id", max_activation: "max activation ↓", frequency: "frequency ↓" };
 
-async function showList(dict, offset, order = "feature_id") {
-  if (!(order in ORDERS)) order = "feature_id";
+// A dictionary opens on its live features, densest first; without analysis, in id order.
+async function showList(dict, offset, order) {
+  const info = dictionaries.find((d) => d.name === dict);
+  if (!(order in ORDERS)) order = info && info.has_analysis ? "frequency" : "feature_id";
   const desc = order !== "feature_id";
   // Page sizes are the server's defaults (capped by its max_page); `page.limit` tells them.
   const page = await api(`/api/features/${encodeURIComponent(dict)}?offset=${offset}&order_by=${order}&descending=${desc}`);
@@ -101,10 +103,20 @@ async function showList(dict, offset, order = "feature_id") {
   select.addEventListener("change", () => { location.hash = href(0, select.value); });
   view.querySelector("h1").after(el("label", {}, "order by ", select));
   // The held-out figures saved with the dictionary: the line `sae info` prints.
-  const info = dictionaries.find((d) => d.name === dict);
   if (info && info.evaluation_summary) {
     view.querySelector("h1").after(el("p", { class: "evaluation", text: info.evaluation_summary }));
   }
+}
+
+// Density on a log scale, 1e-6 (a sliver) to 1 (full width), so rare features stay visible.
+function densityBar(frequency) {
+  const bar = el("span", { class: "density", title: frequency === null || frequency === undefined ? "no analysis" : `fires on ${fmt(100 * frequency)}% of tokens` });
+  if (frequency > 0) {
+    const fill = el("span", { class: "fill" });
+    fill.style.width = `${Math.round(100 * Math.max(0.04, Math.min(1, (Math.log10(frequency) + 6) / 6)))}%`;
+    bar.append(fill);
+  }
+  return bar;
 }
 
 function renderFeaturePage(title, page, hrefFor) {
@@ -112,11 +124,12 @@ function renderFeaturePage(title, page, hrefFor) {
     el("thead", {}, el("tr", {}, ...["feature", "label", "max act", "frequency", "score"].map((h) => el("th", { text: h })))));
   const body = el("tbody");
   for (const f of page.items) {
-    body.append(el("tr", {},
+    const dead = f.frequency === 0; // analysed, and never fired in the analysis
+    body.append(el("tr", dead ? { class: "dead" } : {},
       el("td", {}, featureLink(f.address)),
       el("td", { text: f.label || "" }),
-      el("td", { text: fmt(f.max_activation) }),
-      el("td", { text: fmt(f.frequency) }),
+      el("td", { text: dead ? "never fired" : fmt(f.max_activation) }),
+      el("td", { class: "frequency" }, densityBar(f.frequency), dead ? "never fired" : fmt(f.frequency)),
       el("td", { text: fmt(f.score) })));
   }
   table.append(body);
@@ -139,6 +152,9 @@ async function showFeature(dict, id) {
     stats.append(el("dt", { text: k }), el("dd", { text: fmt(v) }));
   }
   if (!f.stats) stats.append(el("dd", { class: "muted", text: "no analysis: run `sae analyze`" }));
+  else if (!s.count) {
+    stats.replaceChildren(el("dt", { text: "activity" }), el("dd", { class: "never-fired", text: "never fired in the analysis" }));
+  }
   const hist = node.querySelector(".hist");
   if (f.histogram) {
     const top = Math.max(1, ...f.histogram.counts);

@@ -116,6 +116,7 @@ def make_settings(dict_dirs: dict[str, Path], **over: Any) -> Any:
         max_batch=8,
         max_page=20,
         max_body_bytes=16384,
+        worker_process=False,  # the model on a thread here; test_model_process.py runs both
     )
     values.update(over)
     return ServerSettings(**values)

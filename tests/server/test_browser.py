@@ -185,3 +185,73 @@ def test_the_page_runs_under_its_content_security_policy(browser: Any, base_url:
         pg.wait_for_timeout(100)
     assert any("Content Security Policy" in v for v in violations), violations
     context.close()
+
+
+@pytest.fixture(scope="module")
+def sparse_url(served_lm_dir: Path, dict_dirs: dict[str, Path]) -> Iterator[str]:
+    """A server of one analysed dictionary whose first 64 features never fire."""
+    import torch
+
+    from activations.model import load_model
+    from activations.text import TextConfig
+    from analysis.accumulator import AnalysisConfig
+    from analysis.analyze import analyze
+    from analysis.store import FeatureStore
+    from server.app import create_app
+    from server.deps import load_state
+    from tests.server.conftest import make_settings, random_relu, running_server
+
+    d = random_relu(served_lm_dir, seed=2)
+    with torch.no_grad():
+        d.b_enc[:64] = -1e4
+    path = dict_dirs["mlp0"].parent / "sparse"
+    d.save(path)
+    arrays = analyze(
+        load_model(str(served_lm_dir)),
+        d,
+        TextConfig(dataset=str(dict_dirs["mlp0"].parent / "docs"), context_size=32, batch_size=8),
+        AnalysisConfig(n_tokens=512, n_top=4, context_before=4, context_after=1),
+        dictionary_name="sparse",
+        model_name=str(served_lm_dir),
+        progress=False,
+    )
+    assert (arrays.n_fires[:64] == 0).all() and (arrays.n_fires[64:] > 0).any()
+    with FeatureStore.open(path) as store:
+        store.replace_statistics(arrays)
+    state = load_state(make_settings(dict_dirs, dictionaries=[str(path)]))
+    try:
+        with running_server(create_app(state=state)) as url:
+            yield url
+    finally:
+        state.close()
+
+
+def test_the_list_opens_on_live_features(browser: Any, sparse_url: str) -> None:
+    context = browser.new_context(base_url=sparse_url)
+    page = context.new_page()
+    page.goto("/")
+    page.wait_for_selector("body[data-ready='1']")
+    rows = page.locator("table.feature-list tbody tr")
+    assert page.input_value("#order-by") == "frequency"
+    first = rows.first.locator("td")
+    feature_id = int(first.nth(0).inner_text().split("/")[1])
+    assert feature_id >= 64  # a live feature, not feature 0
+    assert "never fired" not in rows.first.inner_text()
+    assert float(first.nth(3).inner_text()) > 0
+    width = rows.first.locator(".density .fill").evaluate("e => e.getBoundingClientRect().width")
+    assert width > 0
+    # Densest first: the frequencies on the page never increase.
+    freqs = [float(t) for t in rows.locator("td:nth-child(4)").all_inner_texts()]
+    assert freqs == sorted(freqs, reverse=True)
+    # In id order the dead features say so, instead of zeros, and have no bar.
+    go(page, "#/d/sparse/0/feature_id")
+    assert rows.count() == 20
+    for i in range(rows.count()):
+        row = rows.nth(i)
+        assert row.get_attribute("class") == "dead"
+        cells = row.locator("td").all_inner_texts()
+        assert cells[2] == "never fired" and cells[3] == "never fired", cells
+        assert row.locator(".density .fill").count() == 0
+    go(page, "#/f/sparse/3")
+    assert page.inner_text(".stats") == "activity\nnever fired in the analysis"
+    context.close()

@@ -153,3 +153,80 @@ def test_queue_full_answers_503(state: Any) -> None:
     finally:
         release.set()
         queue.close()
+
+
+def _limited_request(target: str, n: int) -> tuple[str, str, Any]:
+    """A valid request whose `target` (a body field or a query parameter) is `n`."""
+    steer = {"prompt": "a", "interventions": [{"feature": "mlp0/1", "strength": 0}]}
+    requests: dict[str, tuple[str, str, Any]] = {
+        "SteerRequest.max_new_tokens": ("POST", "/api/steer", {**steer, "max_new_tokens": n}),
+        "SteerRequest.interventions": (
+            "POST",
+            "/api/steer",
+            {**steer, "interventions": steer["interventions"] * n, "max_new_tokens": 1},
+        ),
+        "BatchFeaturesRequest.features": (
+            "POST",
+            "/api/features/batch",
+            {"features": ["mlp0/1"] * n, "examples_limit": 0},
+        ),
+        "BatchFeaturesRequest.examples_limit": (
+            "POST",
+            "/api/features/batch",
+            {"features": ["mlp0/1"], "examples_limit": n},
+        ),
+        "ActivationsRequest.features": (
+            "POST",
+            "/api/activations",
+            {"text": "a", "features": ["mlp0/1"] * n},
+        ),
+        "TopFeaturesRequest.limit": (
+            "POST",
+            "/api/top-features",
+            {"text": "a", "dictionary": "mlp0", "limit": n},
+        ),
+        "GET /api/features/{dictionary}?limit": ("GET", f"/api/features/mlp0?limit={n}", None),
+        "GET /api/features/{dictionary}/{feature_id}?limit": (
+            "GET",
+            f"/api/features/mlp0/1?limit={n}",
+            None,
+        ),
+        "GET /api/search?limit": ("GET", f"/api/search?dictionary=mlp0&q=a&limit={n}", None),
+    }
+    return requests[target]
+
+
+def test_the_schema_states_exactly_the_limits_enforced(
+    client: httpx.Client, auth: dict[str, str], state: Any
+) -> None:
+    from server.limits import LIMITS, TOKEN_FIELDS
+
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    assert schemas["SteerRequest"]["properties"]["max_new_tokens"]["maximum"] == 16
+    for limit in LIMITS:
+        bound = getattr(state.settings, limit.setting)
+        for target in limit.bodies:
+            schema, _, field = target.partition(".")
+            prop = schemas[schema]["properties"][field]
+            assert prop.get("maximum", prop.get("maxItems")) == bound, target
+        for target in limit.queries:
+            route, _, name = target.partition("?")
+            method, path = route.split(" ", 1)
+            (param,) = [
+                p for p in spec["paths"][path][method.lower()]["parameters"] if p["name"] == name
+            ]
+            assert [o.get("maximum") for o in param["schema"]["anyOf"]] == [bound, None], target
+        for target in (*limit.bodies, *limit.queries):
+            # The bound itself is served; one more is refused, saying the limit.
+            method, url, body = _limited_request(target, bound)
+            r = client.request(method, url, json=body, headers=auth)
+            assert r.status_code == 200, (target, r.text)
+            method, url, body = _limited_request(target, bound + 1)
+            err = assert_error(
+                client.request(method, url, json=body, headers=auth), 422, "limit_exceeded"
+            )
+            assert f"the limit is {bound}" in err["message"], target
+    for target in TOKEN_FIELDS:
+        schema, _, field = target.partition(".")
+        assert "At most 48 tokens" in schemas[schema]["properties"][field]["description"]

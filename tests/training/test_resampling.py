@@ -11,7 +11,14 @@ import torch
 from sae.base import DictionaryConfig, build
 from tests.training.helpers import data, small_cfg, with_
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import ResampleConfig, TrainConfig
+from training.config import (
+    DictionaryShape,
+    LoggingConfig,
+    ObjectiveConfig,
+    OptimConfig,
+    ResampleConfig,
+    TrainConfig,
+)
 from training.density import FiringTracker
 from training.evals import evaluate
 from training.metrics import read_metrics
@@ -75,6 +82,9 @@ def test_default_points_follow_the_warmup_and_stay_before_the_stop():
         assert points[-1] < total / 2
     # The step that crosses the last point fires even if its batch also crosses the stop.
     assert crossed(points, points[-1] - 1, total)
+    # relu_l1 is the 2023 recipe with resampling; the April 2024 recipe has none by default.
+    recipe_2024 = TrainConfig(objective=ObjectiveConfig(name="relu_l1_2024"))
+    assert recipe_2024.resample_points() == [] and TrainConfig().resample_enabled()
     every = TrainConfig(total_tokens=1000, resample=ResampleConfig(every_tokens=100))
     assert every.resample_points() == [100, 200, 300, 400]  # 500 is the stop: excluded
     assert every.resample_window_tokens() == 100
@@ -132,3 +142,56 @@ def test_resampling_revives_deliberately_killed_features(tmp_path, resample):
     else:  # the control: without resampling nothing brings them back
         assert result.dictionary.cfg.provenance["resampled_features"] == 0
         assert revived == 0.0 and not events and not revivals
+
+
+HOOK = "blocks.0.mlp.hook_post"
+
+
+def _bundled_activations(model, split: str, tokens: int) -> torch.Tensor:
+    from activations.stream import StreamedActivations
+    from activations.text import TextConfig
+
+    source = StreamedActivations(model, HOOK, TextConfig(split=split), batch_size=1024)
+    rows, have = [], 0
+    for x in source:
+        rows.append(x)
+        have += x.shape[0]
+        if have >= tokens:
+            break
+    return torch.cat(rows)[:tokens]
+
+
+@pytest.mark.slow
+def test_resampling_keeps_bundled_model_features_alive_on_held_out_text(
+    bundled, tmp_path, one_torch_thread
+):
+    """relu_l1 on the bundled model's MLP at a learning rate and L1 that kill features after
+    the warm-up: without resampling a tenth of the dictionary never fires on held-out text,
+    with it (10 points up to 90% of training, the learning rate decaying from halfway so the
+    last revived features settle) under 1%."""
+    train = _bundled_activations(bundled, "train", 100_000)
+    held_out = _bundled_activations(bundled, "validation", 40_000)
+    dead = {}
+    for resample in (True, False):
+        cfg = TrainConfig(
+            total_tokens=100_000,
+            batch_size=1024,
+            out_dir=tmp_path / str(resample),
+            checkpoint_every_steps=0,
+            dictionary=DictionaryShape(d_sae=1024),
+            objective=ObjectiveConfig(name="relu_l1", l1_coefficient=5.0),
+            optim=OptimConfig(lr=5e-3, warmup_steps=10, decay_start_fraction=0.5),
+            resample=ResampleConfig(enabled=resample, count=10, stop_fraction=0.9),
+            logging=LoggingConfig(log_every_steps=10, progress=False, plots=False),
+        )
+        result = Trainer(cfg, d_in=512).fit(list(train.split(1024)))
+        dead[resample] = evaluate(result.dictionary, held_out.split(4096)).dead_fraction
+        if resample:
+            rows = read_metrics(cfg.out_dir)
+            resampled = sum(r.get("resample/resampled", 0) for r in rows)
+            revived = sum(r.get("resample/revived", 0) for r in rows)
+            assert resampled == result.dictionary.cfg.provenance["resampled_features"] > 50
+            assert revived > 0.5 * resampled
+    print(f"held-out never-fired fraction: {dead[True]:.2%} with, {dead[False]:.2%} without")
+    assert dead[True] < 0.01
+    assert dead[False] > 0.05

@@ -101,6 +101,14 @@ def test_resume_after_a_signal_equals_an_uninterrupted_run(tmp_path, objective, 
     assert not resumed.interrupted and resumed.steps == 30
 
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    # The density window and the resampling events continue exactly too.
+    keys = ("density_tokens", "dead_fraction", "resample/dead", "resample/revived")
+    rows_a, rows_b = (
+        [{k: r.get(k) for k in keys} for r in read_metrics(tmp_path / p) if "loss" in r]
+        for p in "ab"
+    )
+    assert rows_b == rows_a
+    assert all(any(r[k] is not None for r in rows_a) for k in keys[:3])
     a, b = straight.dictionary.state_dict(), resumed.dictionary.state_dict()
     for name in a:
         assert torch.equal(a[name], b[name]), name

@@ -95,7 +95,9 @@ class Objective:
     architecture: ClassVar[str] = "relu"
     """Registered sae architecture built for training."""
     sparsity_penalty: ClassVar[Literal["l1", "l0", "none"]] = "none"
-    """Which penalty l1_coefficient weighs (decides target-L0 steering and resampling default)."""
+    """Which penalty l1_coefficient weighs (decides target-L0 steering)."""
+    resamples: ClassVar[bool] = False
+    """Resample dead features by default (the 2023 recipe of Towards Monosemanticity)."""
     unit_norm_decoder: ClassVar[bool] = True
     """Keep decoder rows at unit norm (and remove the gradient parallel to them)."""
     apply_b_dec_to_input: ClassVar[bool] = True

@@ -24,6 +24,7 @@ from training.objectives.base import (
 class ReluL1(Objective):
     architecture = "relu"
     sparsity_penalty = "l1"
+    resamples = True
     unit_norm_decoder = True
 
     def encoder_init_scale(self) -> float:

@@ -13,6 +13,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sae.base import Dictionary, ForwardOutput
+from sae.sparse_grad import codes_from_indices, decode_active, gather_pre_acts
 from training.objectives.base import LossOutput, Objective, StepContext, fvu, register_objective
 
 
@@ -31,8 +32,12 @@ def auxk_loss(
     residual = (x - out.x_hat).detach()
     masked = torch.where(dead, out.pre_acts, torch.full_like(out.pre_acts, -torch.inf))
     acts, idx = masked.topk(k_aux, dim=-1, sorted=False)
-    acts = torch.relu(acts)
-    e_hat = d.decode_sparse(acts, idx) - d.b_dec
+    if out.pre_acts.requires_grad:  # the dense forward
+        e_hat = d.decode_sparse(torch.relu(acts), idx) - d.b_dec
+    else:  # the sparse forward: gradients through the chosen dead latents only
+        codes = codes_from_indices(idx, d.d_sae)
+        acts = torch.relu(gather_pre_acts(d, x, out.pre_acts, codes))
+        e_hat = decode_active(acts, codes, d.W_dec)
     scale = min(n_dead / auxk_k, 1.0)
     return scale * fvu(residual, e_hat)
 
