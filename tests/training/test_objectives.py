@@ -10,7 +10,7 @@ from sae.base import DictionaryConfig, build
 from training.config import ObjectiveConfig, OptimConfig
 from training.objectives.base import StepContext, normalize_decoder_rows_, remove_parallel_grad_
 from training.objectives.jumprelu import JumpReLUFn, StepFn
-from training.objectives.matryoshka_batchtopk import MatryoshkaBatchTopK
+from training.objectives.matryoshka_batchtopk import MatryoshkaBatchTopK, batch_topk
 from training.objectives.relu_l1_2024 import fold_decoder_norms_
 from training.objectives.topk_auxk import TopKAuxK, auxk_loss
 from training.schedules import L0Controller, lr_factor, sparsity_warmup_factor
@@ -125,3 +125,15 @@ def test_matryoshka_prefix_reconstructions_equal_dense_decodes_of_each_prefix():
     assert float(res.parts["fvu"]) == pytest.approx(expected[2], rel=1e-5)
     assert float(res.loss.detach()) == pytest.approx(sum(expected) / 3, rel=1e-5)
     assert torch.allclose(res.out.x_hat, d(x).x_hat, atol=1e-5)
+
+
+def test_batch_topk_ranks_above_a_cutoff_only_when_that_is_exact():
+    torch.manual_seed(0)
+    pre = torch.randn(32, 50)
+    flat = torch.relu(pre).flatten()
+    ref = set(flat.topk(4 * 32).indices.tolist())
+    kth = float(flat.topk(4 * 32).values.min())
+    for cutoff in (0.0, 0.5 * kth, 0.999 * kth, 2 * kth):  # none, fast, fast, fallback
+        acts, rows, cols = batch_topk(pre, 4, cutoff)
+        assert set((rows * 50 + cols).tolist()) == ref
+        assert torch.equal(acts, torch.relu(pre)[rows, cols])

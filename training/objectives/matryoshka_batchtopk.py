@@ -9,13 +9,16 @@ of every nested prefix of the latents, so the first m latents must reconstruct x
 Early latents therefore learn general (parent) features and cannot let a child's latent absorb
 them, which is what resists feature absorption. The prefixes share one encoding and one sparse
 decode: each kept activation is decoded once into the bucket of the first prefix containing it,
-and the prefix reconstructions are the cumulative sums of the buckets, O(B k D) in all.
+and the prefix reconstructions are the cumulative sums of the buckets, O(B k D) in all. The
+batch-wide top-kB ranks only the activations above a cutoff below the running threshold
+(`batch_topk`, exact, with a full ranking as the fallback).
 Saved for inference, like `batchtopk`, as a `jumprelu` with the learned threshold.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -32,6 +35,26 @@ def prefix_widths(fractions: tuple[float, ...], d_sae: int) -> list[int]:
     return widths
 
 
+def batch_topk(
+    pre: Float[Tensor, "B F"], k: int, cutoff: float
+) -> tuple[Float[Tensor, " N"], Int[Tensor, " N"], Int[Tensor, " N"]]:
+    """The k*B largest ReLU(pre) of the batch as (value, row, latent), the selection of
+    BatchTopKDictionary.activation. When at least k*B values exceed `cutoff` > 0 the largest
+    are among them, so only those are ranked (a compare and a small top-k instead of a top-kB
+    over all B*F values); otherwise, or with no cutoff yet, the whole batch is ranked."""
+    B, F_ = pre.shape
+    flat = torch.relu(pre).flatten()
+    n_keep = min(k * B, flat.numel())
+    if cutoff > 0:
+        candidates = (flat > cutoff).nonzero().squeeze(-1)
+        if candidates.numel() >= n_keep:
+            acts, pos = flat[candidates].topk(n_keep, sorted=False)
+            idx = candidates[pos]
+            return acts, idx // F_, idx % F_
+    acts, idx = flat.topk(n_keep, sorted=False)
+    return acts, idx // F_, idx % F_
+
+
 def prefix_reconstructions(
     d: Dictionary,
     acts: Float[Tensor, " N"],
@@ -43,10 +66,17 @@ def prefix_reconstructions(
     """x_hat of every prefix from the kept activations (value, row, latent), one decode each."""
     bounds = torch.tensor(widths[:-1], device=cols.device)
     bucket = torch.bucketize(cols, bounds, right=True)  # first prefix that contains the latent
-    contrib = acts[:, None].to(d.W_dec.dtype) * d.W_dec[cols]
-    buckets = torch.zeros(len(widths) * batch, d.d_in, device=acts.device, dtype=contrib.dtype)
-    buckets = buckets.index_add(0, bucket * batch + rows, contrib)
-    return buckets.view(len(widths), batch, d.d_in).cumsum(0) + d.b_dec
+    key = bucket * batch + rows
+    order = key.argsort()
+    offsets = torch.searchsorted(key[order], torch.arange(len(widths) * batch, device=key.device))
+    # embedding_bag gathers only the kept decoder rows, as Dictionary.decode_sparse does.
+    buckets = F.embedding_bag(
+        cols[order], d.W_dec, offsets, mode="sum", per_sample_weights=acts[order].to(d.W_dec.dtype)
+    )
+    parts = list(buckets.view(len(widths), batch, d.d_in).unbind())
+    for i in range(1, len(parts)):  # a running sum; cumsum over a short leading dim is slow
+        parts[i] = parts[i - 1] + parts[i]
+    return torch.stack(parts) + d.b_dec
 
 
 @register_objective("matryoshka_batchtopk")
@@ -59,13 +89,15 @@ class MatryoshkaBatchTopK(BatchTopK):
     def loss(self, d: Dictionary, x: Float[Tensor, "B D"], ctx: StepContext) -> LossOutput:
         assert self.cfg.k is not None
         pre = d.pre_activations(x)
-        B, F = pre.shape
-        flat = torch.relu(pre).flatten()
-        acts, idx = flat.topk(min(self.cfg.k * B, flat.numel()), sorted=False)
-        rows, cols = idx // F, idx % F
+        B = pre.shape[0]
+        # Below the running threshold (the smallest kept activation, averaged over batches)
+        # with a margin: almost always more than k*B candidates, so the fast path applies.
+        threshold = getattr(d, "threshold", None)
+        cutoff = 0.75 * float(threshold) if isinstance(threshold, Tensor) else 0.0
+        acts, rows, cols = batch_topk(pre, self.cfg.k, cutoff)
         widths = self.widths()
         x_hats = prefix_reconstructions(d, acts, rows, cols, B, widths)
-        f = torch.zeros_like(flat).scatter(0, idx, acts.detach()).view(B, F)
+        f = torch.zeros_like(pre).index_put_((rows, cols), acts.detach())
         out = ForwardOutput(x_hat=x_hats[-1], feature_acts=f, pre_acts=pre)
         total = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
         per_prefix = (x_hats - x).pow(2).sum((1, 2)) / total
