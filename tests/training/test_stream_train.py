@@ -128,3 +128,16 @@ def test_bad_input_is_one_line(tiny_lm_dir, tmp_path, capsys, monkeypatch):
     assert "no-such-user/no-such-dataset" in offline
     assert "--model" in error("train", "--hooks", MLP, "--out-dir", str(out))
     assert not (out / "stream.json").exists()
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_each_hook_logs_its_own_wandb_run(tiny_lm_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    docs = make_docs(tmp_path / "docs", 40)
+    out = tmp_path / "w"
+    argv = _argv(tiny_lm_dir, docs, out, "--total-tokens", "640", "--logging.wandb", "true")
+    assert main(argv) == 0
+    for hook in (MLP, RESID):  # a second run must not end the first (which then logs nothing)
+        runs = list((out / hook / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1 and (out / hook / "wandb_id.txt").read_text() in runs[0].name
+        assert any(r.get("eval/fvu") is not None for r in read_metrics(out / hook))
