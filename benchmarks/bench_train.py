@@ -34,19 +34,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def encoder_matmul_seconds(b: int, d: int, f: int, device: torch.device, reps: int) -> float:
+def encoder_matmul_seconds(
+    b: int, d: int, f: int, device: torch.device, reps: int, autocast: str
+) -> float:
     """The one B x D x F matmul the sparse path keeps (the pre-activations), timed bare."""
     x = torch.randn(b, d, device=device)
     w_enc = torch.randn(d, f, device=device)
     bias = torch.randn(f, device=device)
-    torch.addmm(bias, x, w_enc)
     best = float("inf")
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
         torch.addmm(bias, x, w_enc)
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
+        for _ in range(reps):
+            sync(device)
+            t0 = time.perf_counter()
+            torch.addmm(bias, x, w_enc)
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
     return best
 
 
@@ -111,7 +114,7 @@ def main() -> None:
     batches = [
         (torch.randn(b, d, generator=gen) @ mixing).to(device) for _ in range(args.steps + 1)
     ]
-    floor = encoder_matmul_seconds(b, d, f, device, reps=3)
+    floor = encoder_matmul_seconds(b, d, f, device, reps=3, autocast=args.autocast)
     print(
         f"shapes B={b} D={d} F={f} L0={args.l0} on {device} ({torch.get_num_threads()} threads), "
         f"autocast {args.autocast}, compile {args.compile}; floor (encoder matmul) "
