@@ -141,3 +141,19 @@ def test_each_hook_logs_its_own_wandb_run(tiny_lm_dir, tmp_path, monkeypatch):
         runs = list((out / hook / "wandb").glob("offline-run-*"))
         assert len(runs) == 1 and (out / hook / "wandb_id.txt").read_text() in runs[0].name
         assert any(r.get("eval/fvu") is not None for r in read_metrics(out / hook))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_sweep_trains_every_member_on_every_hook_from_one_pass(tiny_lm_dir, tmp_path, capsys):
+    docs = make_docs(tmp_path / "docs", 40)
+    out = tmp_path / "s"
+    argv = _argv(tiny_lm_dir, docs, out, "--total-tokens", "640", "--sweep", "objective.k=2,6")
+    assert main(argv) == 0
+    for hook in (MLP, RESID):
+        l0 = {}
+        for member in ("k=2", "k=6"):
+            d = Dictionary.load(out / hook / member)
+            assert d.cfg.hook_name == hook
+            l0[member] = d.cfg.provenance["eval"]["l0"]
+        assert l0["k=2"] < l0["k=6"]
+    assert capsys.readouterr().out.count("held-out") == 4
