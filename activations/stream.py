@@ -10,9 +10,9 @@ a generator seeded by (seed, epoch, rank, w): the buffer's random state is a fun
 position, so `state_dict()` is (epoch, position) and a resume is exact. It skips whole windows
 by tokenizing only and runs the model on the window it resumes inside.
 
-The model runs on a producer thread, `prefetch` batches ahead of the consumer (tokenization
-on another), so the forward pass overlaps the consumer's work; the position a consumer sees
-is that of the batches it was handed, not of the producer's.
+The model runs on a producer thread, one window and `prefetch` batches ahead of the consumer
+(tokenization on another), so the forward pass overlaps the consumer's work; the position a
+consumer sees is that of the batches it was handed, not of the producer's.
 """
 
 from __future__ import annotations
@@ -167,7 +167,8 @@ class StreamedActivations:
             }
             return StreamBatch(acts, epoch, position)
 
-        for piece in self._pieces(epoch, start):
+        # The next window's forward passes run while this one's batches are handed out.
+        for piece in in_background(self._pieces(epoch, start), depth=1):
             n = len(piece[self.hook_names[0]])
             at = 0
             while at < n:

@@ -51,7 +51,7 @@ class StreamConfig:
     """Dtype the model runs in."""
     drop_bos: bool = True
     """Leave out position 0 (BOS) of every context, as `sae cache` does."""
-    buffer_tokens: int = 262_144
+    buffer_tokens: int = 131_072
     """Activations pooled and shuffled before they are cut into batches, rounded up to whole
     forward passes: the rows of one context spread over every batch the pool feeds."""
     prefetch_batches: int = 4

@@ -219,13 +219,12 @@ class Trainer:
         local = shard(x, self.dist)
         n = x.shape[0]
         step, before = self.step, self.tokens
-        log_now = (
-            step + 1
-        ) % self.cfg.logging.log_every_steps == 0 or step + 1 >= self.cfg.total_steps
+        last = step + 1 >= self.cfg.total_steps
+        log_now = (step + 1) % self.cfg.logging.log_every_steps == 0 or last
         rows = {m.name: m.train_step(local, step, n, log_now, before) for m in self.members}
         self.step += 1
         self.tokens += n
-        bar.update(1)
+        bar.update(n)
         for m in self.members:
             m.maybe_resample(before, self.tokens, self._sample)
         self._sample.release(before, self.tokens)
@@ -380,9 +379,10 @@ class Trainer:
         from sae.progress import progress_bar
 
         return progress_bar(
-            total=self.cfg.total_steps,
-            initial=self.step,
-            unit="step",
+            total=self.cfg.total_steps * self.cfg.batch_size,  # tokens/s is the rate shown
+            initial=self.tokens,
+            unit="tok",
+            unit_scale=True,
             desc="train",
             disable=not (self.cfg.logging.progress and self._show_progress and self.dist.is_main),
             dynamic_ncols=True,

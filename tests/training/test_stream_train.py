@@ -128,3 +128,76 @@ def test_bad_input_is_one_line(tiny_lm_dir, tmp_path, capsys, monkeypatch):
     assert "no-such-user/no-such-dataset" in offline
     assert "--model" in error("train", "--hooks", MLP, "--out-dir", str(out))
     assert not (out / "stream.json").exists()
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_each_hook_logs_its_own_wandb_run(tiny_lm_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    docs = make_docs(tmp_path / "docs", 40)
+    out = tmp_path / "w"
+    argv = _argv(tiny_lm_dir, docs, out, "--total-tokens", "640", "--logging.wandb", "true")
+    assert main(argv) == 0
+    for hook in (MLP, RESID):  # a second run must not end the first (which then logs nothing)
+        runs = list((out / hook / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1 and (out / hook / "wandb_id.txt").read_text() in runs[0].name
+        assert any(r.get("eval/fvu") is not None for r in read_metrics(out / hook))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_sweep_trains_every_member_on_every_hook_from_one_pass(tiny_lm_dir, tmp_path, capsys):
+    docs = make_docs(tmp_path / "docs", 40)
+    out = tmp_path / "s"
+    argv = _argv(tiny_lm_dir, docs, out, "--total-tokens", "640", "--sweep", "objective.k=2,6")
+    assert main(argv) == 0
+    for hook in (MLP, RESID):
+        l0 = {}
+        for member in ("k=2", "k=6"):
+            d = Dictionary.load(out / hook / member)
+            assert d.cfg.hook_name == hook
+            l0[member] = d.cfg.provenance["eval"]["l0"]
+        assert l0["k=2"] < l0["k=6"]
+    assert capsys.readouterr().out.count("held-out") == 4
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_resume_when_one_hook_checkpointed_further_than_the_other(
+    tiny_lm_dir, tmp_path, monkeypatch
+):
+    """A crash between two hooks' checkpoint writes leaves them at different steps: the
+    stream restarts at the earlier one and that hook trains alone until it catches up."""
+    import shutil
+
+    docs = make_docs(tmp_path / "docs", 60)
+    assert main(_argv(tiny_lm_dir, docs, tmp_path / "full")) == 0
+    real_pull = SharedStream.pull
+
+    def interrupt_at(n: int) -> None:
+        count = {"n": 0}
+
+        def pull(self: SharedStream) -> bool:
+            count["n"] += 1
+            if count["n"] == n:
+                os.kill(os.getpid(), signal.SIGINT)
+            return real_pull(self)
+
+        monkeypatch.setattr(SharedStream, "pull", pull)
+
+    part = tmp_path / "part"
+    interrupt_at(8)
+    assert main(_argv(tiny_lm_dir, docs, part)) == 130
+    early = tmp_path / "early"
+    shutil.copytree(part / RESID / "checkpoint", early)
+    interrupt_at(10)
+    assert main([*_argv(tiny_lm_dir, docs, part), "--resume"]) == 130
+    shutil.rmtree(part / RESID / "checkpoint")
+    shutil.copytree(early, part / RESID / "checkpoint")  # RESID's newer checkpoint was lost
+    steps = [load_checkpoint(part / h)["step"] for h in (MLP, RESID)]
+    assert steps[0] > steps[1]
+    monkeypatch.setattr(SharedStream, "pull", real_pull)
+    assert main([*_argv(tiny_lm_dir, docs, part), "--resume"]) == 0
+    for hook in (MLP, RESID):
+        full, resumed = (
+            Dictionary.load(r / hook / "dictionary") for r in (tmp_path / "full", part)
+        )
+        for name, value in full.state_dict().items():
+            assert torch.equal(resumed.state_dict()[name], value), (hook, name)
