@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
@@ -33,6 +34,21 @@ _LAYER = re.compile(r"^blocks\.(\d+)\.")
 
 Edit = Callable[[Tensor], Tensor]
 """A hook edit: a hook's activation in, the activation the model continues with out."""
+
+
+_LOCKS_LOCK = threading.Lock()
+
+
+def model_lock(model: Any) -> threading.RLock:
+    """The model's hook lock: hooks live on the model itself, so a thread that hooked it while
+    another runs it (a streaming producer, an evaluation) would see, or remove, the other's
+    hooks. Every function here holds it while its hooks are attached."""
+    with _LOCKS_LOCK:
+        lock = getattr(model, "_sae_hook_lock", None)
+        if lock is None:
+            lock = threading.RLock()
+            object.__setattr__(model, "_sae_hook_lock", lock)
+        return lock
 
 
 class _StopForward(Exception):
@@ -81,6 +97,12 @@ def check_hook_names(model: Any, hook_names: Iterable[str]) -> list[str]:
         reason = getattr(model, "_gated_hook_reason", lambda n: None)(name)
         if name in model.hook_dict and reason is not None:
             raise UserError(f"hook {name!r} needs the model option {reason}=True")
+        layer, n_layers = hook_layer(name), getattr(getattr(model, "cfg", None), "n_layers", None)
+        if layer is not None and isinstance(n_layers, int) and layer >= n_layers:
+            raise UserError(
+                f"unknown hook {name!r}: past the model's last layer (it has {n_layers} "
+                f"layer(s), blocks.0 to blocks.{n_layers - 1}); valid hook names: {_compact(valid)}"
+            )
         raise UserError(f"unknown hook {name!r}; valid hook names: {_compact(valid)}")
     return names
 
@@ -114,10 +136,16 @@ class ActivationCapture:
         return fn
 
     def __enter__(self) -> ActivationCapture:
-        self._context = self.model.hooks(
-            fwd_hooks=[(name, self._hook_fn(name)) for name in self.hook_names]
-        )
-        self._context.__enter__()
+        self._lock = model_lock(self.model)
+        self._lock.acquire()
+        try:
+            self._context = self.model.hooks(
+                fwd_hooks=[(name, self._hook_fn(name)) for name in self.hook_names]
+            )
+            self._context.__enter__()
+        except BaseException:
+            self._lock.release()
+            raise
         return self
 
     def __exit__(
@@ -126,8 +154,11 @@ class ActivationCapture:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._context.__exit__(exc_type, exc, tb)
-        self._context = None
+        try:
+            self._context.__exit__(exc_type, exc, tb)
+        finally:
+            self._context = None
+            self._lock.release()
 
     @torch.no_grad()
     def __call__(self, tokens: Int[Tensor, "S T"]) -> dict[str, Float[Tensor, "S T D"]]:
@@ -209,5 +240,5 @@ def run_with_edits(
     """The model's logits on `tokens` with the activation `x` at each hook `name` of `edits`
     replaced by `edits[name](x)` (no edits: the plain forward pass)."""
     fwd_hooks = [(name, _edit_hook(edit)) for name, edit in edits.items()]
-    with model.hooks(fwd_hooks=fwd_hooks):
+    with model_lock(model), model.hooks(fwd_hooks=fwd_hooks):
         return model(tokens, return_type="logits")

@@ -4,9 +4,9 @@ Starts `sae serve` as its own process on 127.0.0.1, then this process (a separat
 32 closed-loop clients for 20 s over loopback: most read feature pages (SQLite + memory-
 mapped arrays), the others post text activations, top features and steering. It prints, per
 endpoint, requests/s, p50/p99 latency and the shed rate (503 busy), and the server's RSS
-(its process and children) before, at the peak of, and 10 s after the load. It runs twice,
-with the model in its own process (the default) and on a thread of the server process
-(`worker_process=false`), side by side.
+(its process and children) before, at the peak of, and 10 s after the load. It runs three
+times: with the model in its own process (the default), on a thread of the server process
+(`worker_process=false`), and with the feature-page clients alone (the machine's floor).
 
     python benchmarks/bench_server.py                      # bundled model
     python benchmarks/bench_server.py --seconds 60 --clients 64
@@ -163,12 +163,14 @@ def requests_for(d_sae: int, rng: random.Random) -> dict[str, Any]:
 
 
 async def mixed_load(
-    url: str, make: dict[str, Any], clients: int, seconds: float, pid: int
+    url: str, make: dict[str, Any], clients: int, seconds: float, pid: int, reads_only: bool
 ) -> tuple[dict[str, list[tuple[float, int]]], float]:
     """Closed-loop clients by ROLES for `seconds`: (status, latency) per endpoint, peak RSS."""
     results: dict[str, list[tuple[float, int]]] = defaultdict(list)
     scale = clients / sum(ROLES.values())
     roles = [r for r, n in ROLES.items() for _ in range(max(1, round(n * scale)))]
+    if reads_only:
+        roles = [r for r in roles if r == "feature page"]
     limits = httpx.Limits(max_connections=len(roles), max_keepalive_connections=len(roles))
     headers = {"Authorization": f"Bearer {KEY}"}
     peak = 0.0
@@ -203,17 +205,21 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))] if s else float("nan")
 
 
-def run_one(dict_dir: Path, worker_process: bool, args: argparse.Namespace) -> dict[str, Any]:
+def run_one(
+    dict_dir: Path, worker_process: bool, args: argparse.Namespace, reads_only: bool = False
+) -> dict[str, Any]:
     port = free_port()
     proc = start_server(dict_dir, port, worker_process)
     url = f"http://127.0.0.1:{port}"
     try:
         d_sae = httpx.get(f"{url}/api/dictionaries/dict").json()["d_sae"]
         make = requests_for(d_sae, random.Random(0))
-        asyncio.run(mixed_load(url, make, args.clients, 3.0, proc.pid))  # warm-up
+        asyncio.run(mixed_load(url, make, args.clients, 3.0, proc.pid, reads_only))  # warm-up
         time.sleep(2)
         before = rss_mib(proc.pid)
-        results, peak = asyncio.run(mixed_load(url, make, args.clients, args.seconds, proc.pid))
+        results, peak = asyncio.run(
+            mixed_load(url, make, args.clients, args.seconds, proc.pid, reads_only)
+        )
         time.sleep(10)
         after = rss_mib(proc.pid)
     finally:
@@ -240,6 +246,7 @@ def main() -> None:
         runs = {
             "model process": run_one(dict_dir, True, args),
             "model thread": run_one(dict_dir, False, args),
+            "no model load": run_one(dict_dir, True, args, reads_only=True),
         }
     print(f"model + dictionary: {desc}")
     print(
@@ -251,6 +258,8 @@ def main() -> None:
     for role in ROLES:
         for name, run in runs.items():
             rows = run["results"][role]
+            if not rows:
+                continue
             ok = [t for t, s in rows if s == 200]
             shed = sum(s == 503 for _, s in rows)
             errors = sum(s not in (200, 503) for _, s in rows)
@@ -267,10 +276,14 @@ def main() -> None:
         f"{p99['model process'] * 1e3:.1f} ms in its own process "
         f"({p99['model thread'] / p99['model process']:.1f}x)"
     )
+    print(
+        f"feature page p99 with no model requests at all: {p99['no model load'] * 1e3:.1f} ms "
+        "(the machine's own floor)"
+    )
     for name, run in runs.items():
         before, peak, after = run["rss"]
         print(
-            f"server RSS, model {name.split()[1]:8s}: before {before:.0f} MiB, peak {peak:.0f} MiB, "
+            f"server RSS, {name:14s}: before {before:.0f} MiB, peak {peak:.0f} MiB, "
             f"10 s after {after:.0f} MiB"
         )
 

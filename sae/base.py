@@ -82,6 +82,8 @@ class ForwardOutput(NamedTuple):
     pre_acts: Float[Tensor, "B F"]
     """Pre-activations W_enc^T (x - b_dec) + b_enc, before the activation function. Detached
     when the forward took the sparse path: differentiate through `sae.sparse_grad.gather_pre_acts`."""
+    active: ActiveCodes | None = None
+    """The codes that may be nonzero, when the forward took the sparse path (None: dense)."""
 
 
 class Dictionary(nn.Module):

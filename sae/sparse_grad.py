@@ -240,4 +240,15 @@ def sparse_forward(
     x_hat = decode_active(values, codes, d.W_dec) + d.b_dec
     # In place on a fresh tensor: a [B, F] pass fewer than index_put's copy of the zeros.
     feature_acts = pre.new_zeros(pre.shape).index_put_((codes.rows, codes.cols), values)
-    return ForwardOutput(x_hat=x_hat, feature_acts=feature_acts, pre_acts=pre)
+    return ForwardOutput(x_hat=x_hat, feature_acts=feature_acts, pre_acts=pre, active=codes)
+
+
+def firing_counts(out: ForwardOutput) -> Float[Tensor, " F"]:
+    """On how many rows each feature's code is nonzero: from the active codes when the forward
+    was sparse (O(N)), else a pass over the dense codes."""
+    f = out.feature_acts.detach()
+    codes = out.active
+    if codes is None:
+        return (f != 0).sum(0).float()
+    fired = codes.cols[f[codes.rows, codes.cols] != 0]
+    return torch.bincount(fired, minlength=codes.n_features).float()

@@ -213,9 +213,12 @@ def _load(settings: ServerSettings, process: ModelProcess | None) -> AppState:
 
 
 # -- dependencies ---------------------------------------------------------------------------------
+# `async def` although none awaits: FastAPI runs a plain `def` dependency on its threadpool,
+# and a hop to a thread and back for each of them would cost a feature read more than the
+# read itself.
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     state: AppState | None = getattr(request.app.state, "sae", None)
     if state is None:
         raise ApiError(
@@ -251,7 +254,7 @@ def _check_key(request: Request, expected: str) -> None:
         )
 
 
-def require_read(request: Request, state: StateDep) -> None:
+async def require_read(request: Request, state: StateDep) -> None:
     """Reads are public unless `public_reads` is off; then they need the key."""
     if state.settings.public_reads:
         return
@@ -260,7 +263,7 @@ def require_read(request: Request, state: StateDep) -> None:
     _check_key(request, state.settings.api_key)
 
 
-def require_write(request: Request, state: StateDep) -> None:
+async def require_write(request: Request, state: StateDep) -> None:
     """Writes and steering always need the key; with none configured they are disabled."""
     if state.settings.api_key is None:
         raise ApiError(
@@ -272,7 +275,7 @@ def require_write(request: Request, state: StateDep) -> None:
     _check_key(request, state.settings.api_key)
 
 
-def model_quota(request: Request, state: StateDep) -> None:
+async def model_quota(request: Request, state: StateDep) -> None:
     """429 once a client has used its `rate_limit` model requests in the last minute."""
     if state.limiter is None:
         return
@@ -287,7 +290,7 @@ def model_quota(request: Request, state: StateDep) -> None:
         )
 
 
-def get_dictionary(
+async def get_dictionary(
     state: StateDep,
     dictionary: Annotated[str, PathParam(description="Served dictionary name.", max_length=200)],
 ) -> ServedDictionary:

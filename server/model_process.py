@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Kind = Literal["activations", "top_features", "steer"]
-NICENESS = 10
+NICENESS = 5
 """How much lower the child's CPU priority is than the server's (see the module docstring)."""
 START_TIMEOUT_S = 600.0
 

@@ -3,6 +3,7 @@ field name or a wrong type would otherwise surface only on a user's GPU box."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,17 @@ def test_unknown_field_is_named(tmp_path: Path) -> None:
     bad.write_text("total_tokens: 10\noptim:\n  learning_rate: 0.1\n")
     with pytest.raises(ValueError, match="learning_rate"):
         from_dict(TrainConfig, load_config_file(bad))
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*/stream*.yaml")), ids=lambda p: p.name)
+def test_stream_recipe_parses(path: Path) -> None:
+    """A streaming recipe holds the train options and the stream options (model, hooks, text)
+    in one file, split as `sae train --config` splits it."""
+    from training.stream_source import StreamConfig
+
+    data = load_config_file(path)
+    stream_keys = {f.name for f in dataclasses.fields(StreamConfig)}
+    scfg = from_dict(StreamConfig, {k: v for k, v in data.items() if k in stream_keys})
+    cfg = from_dict(TrainConfig, {k: v for k, v in data.items() if k not in stream_keys})
+    assert scfg.model and scfg.hooks and cfg.total_tokens > 0
+    assert cfg.batch_size % 8 == 0  # splits over the torchrun example's 8 processes

@@ -1,6 +1,8 @@
-"""`sae train`: train a dictionary (or a sweep of them) on an activation cache.
+"""`sae train`: train a dictionary (or a sweep of them) on an activation cache, or straight
+from a model on several hooks at once (training/stream_cli.py).
 
     sae train --cache activation_cache --objective.name topk_auxk --objective.k 32
+    sae train --model stdlib-1l-512 --hooks blocks.0.mlp.hook_post blocks.0.hook_resid_post
     sae train --config train.yaml --optim.lr 1e-4            # flags override the file
     sae train --cache c --sweep objective.l1_coefficient=1,3,10 --sweep dictionary.d_sae=512,1024
     sae train --config train.yaml --resume                   # continue from the last checkpoint
@@ -23,10 +25,11 @@ from sae.errors import UserError
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from sae.dataclass_cli import add_dataclass_args, parse_bool
     from training.config import TrainConfig
+    from training.stream_source import StreamConfig
 
     parser = subparsers.add_parser(
         "train",
-        help="train sparse dictionaries on cached activations",
+        help="train sparse dictionaries on cached activations or straight from a model",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -53,15 +56,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="train one dictionary per value (repeat for a grid), e.g. objective.k=16,32",
     )
     add_dataclass_args(parser, TrainConfig)
+    add_dataclass_args(parser, StreamConfig)
     parser.set_defaults(func=run)
     return parser
 
 
-def _load_config(args: argparse.Namespace) -> Any:
-    from sae.dataclass_cli import dataclass_from_args
-    from training.config import TrainConfig
+def _load_configs(args: argparse.Namespace) -> tuple[Any, Any]:
+    """TrainConfig and StreamConfig from one --config file (each takes its own keys) and flags."""
+    import dataclasses
 
-    return dataclass_from_args(TrainConfig, args, args.config)
+    from sae.dataclass_cli import dataclass_from_args, load_config_file
+    from training.config import TrainConfig
+    from training.stream_source import StreamConfig
+
+    data: dict[str, Any] = {}
+    if args.config:
+        try:
+            data = load_config_file(args.config)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    stream_keys = {f.name for f in dataclasses.fields(StreamConfig)}
+    train_part = {k: v for k, v in data.items() if k not in stream_keys}
+    stream_part = {k: v for k, v in data.items() if k in stream_keys}
+    return (
+        dataclass_from_args(TrainConfig, args, base=train_part),
+        dataclass_from_args(StreamConfig, args, base=stream_part),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,14 +89,21 @@ def run(args: argparse.Namespace) -> int:
     from training.run_folder import own_run_folder, prepare_run_folder
     from training.sweep import expand_grid, parse_sweep
 
-    cfg = _load_config(args)
-    if not args.cache:
-        raise UserError("--cache is required: the activation cache folder to train on")
+    cfg, stream_cfg = _load_configs(args)
     try:
         grid = parse_sweep(args.sweep)
         members = expand_grid(cfg, grid)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if stream_cfg.model or stream_cfg.hooks:
+        from training.stream_cli import train_from_model
+
+        return train_from_model(args, cfg, stream_cfg, members)
+    if not args.cache:
+        raise UserError(
+            "--cache is required (the activation cache folder to train on), "
+            "or --model NAME --hooks H1 [H2 ...] to train straight from a model"
+        )
 
     open_manifest(args.cache, args.hook)  # a missing cache or hook: one line, before the lock
     with own_run_folder(cfg.out_dir):

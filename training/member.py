@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from sae.base import Dictionary, build
+from sae.sparse_grad import firing_counts
 from training.config import TrainConfig
 from training.density import DensityTracker, FiringTracker, density_row
 from training.distributed import DistInfo, all_reduce_, average_gradients
@@ -122,7 +123,7 @@ class Member:
         self.objective.after_optimizer_step(self.dictionary, res.out)
 
         f = res.out.feature_acts.detach()
-        fired = all_reduce_((f != 0).sum(0).float(), self.dist)
+        fired = all_reduce_(firing_counts(res.out), self.dist)
         self.firing.update(fired > 0, global_tokens)
         self.density.update(fired, global_tokens, tokens_before)
         self.revival.observe(fired > 0, global_tokens)

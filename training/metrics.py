@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,12 @@ class MetricsLogger:
             import wandb
 
             mode = os.environ.get("WANDB_MODE", "online")
+            # One run per hook when training from a model: several W&B runs open at once in
+            # one process, which wandb >= 0.19.10 allows (older versions end the previous one).
+            version = tuple(int(n) for n in re.findall(r"\d+", wandb.__version__)[:3])
+            several = {"reinit": "create_new"} if version >= (0, 19, 10) else {}
             self._wandb = wandb.init(
+                **several,  # type: ignore[arg-type]
                 project=wandb_project,
                 dir=str(out_dir),
                 config=config or {},

@@ -5,11 +5,10 @@
     result.dictionaries["dictionary"]      # saved in result.out_dir / "dictionary"
 
 `fit` reads like SAELens's SAETrainer.fit: next batch, train step (every member of a sweep
-on the same batch), log, maybe resample, maybe evaluate, maybe checkpoint. The data source is
-only iterated (`activations.source.BatchSource`, the named contract with activations/); if it
-is a `ResumableSource` (the cache reader and the streamed source are), a checkpoint records
-its position, so `resume=True` continues with exactly the batches an uninterrupted run would
-have seen.
+on the same batch), log, maybe resample, maybe evaluate, maybe checkpoint (`run` is the same
+loop one step at a time). The data source is only iterated (`activations.source.BatchSource`);
+if it is a `ResumableSource`, a checkpoint records its position, so `resume=True` continues
+with exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set
 from training.config import TrainConfig
 from training.distributed import all_reduce_, init_from_env, resolve_device, shard
 from training.initialization import input_scale
+from training.lockstep import drain
 from training.member import Member
 from training.metrics import MetricsLogger, to_float, truncate_metrics
 from training.resampling import ResampleSample
@@ -79,6 +79,8 @@ class Trainer:
         names: Sequence[str] | None = None,
         evaluator: Evaluator | None = None,
         resume: bool = False,
+        stop: StopOnSignal | None = None,
+        progress: bool = True,
     ) -> None:
         cfgs = [cfg] if isinstance(cfg, TrainConfig) else list(cfg)
         if not cfgs:
@@ -113,14 +115,20 @@ class Trainer:
         self._consumed = 0
         self._pending: list[Tensor] = []
         self._sample = ResampleSample.for_configs(cfgs)
-        self._stop = StopOnSignal()
+        self._stop = stop or StopOnSignal()
+        self._show_progress = progress
         self._last: dict[str, dict[str, float]] = {}
         self._log = MetricsLogger(self.out_dir, enabled=False)
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, batches: BatchSource) -> TrainResult:
+        return drain(self.run(batches))
+
+    def run(self, batches: BatchSource) -> Generator[int, None, TrainResult]:
+        """`fit` in steps (training/lockstep.py): yields after the start and every step."""
         it = self._start(batches)
         try:
+            yield self.step
             with self._stop, self._progress() as bar:
                 while self.tokens < self.cfg.total_tokens:
                     x = self._next_batch(it)
@@ -133,11 +141,9 @@ class Trainer:
                         )
                         self._checkpoint(batches)
                         return self._result(interrupted=True, dictionaries={}, paths={})
-                    if (
-                        self.cfg.checkpoint_every_steps
-                        and self.step % self.cfg.checkpoint_every_steps == 0
-                    ):
+                    if (every := self.cfg.checkpoint_every_steps) and self.step % every == 0:
                         self._checkpoint(batches)
+                    yield self.step
             self._checkpoint(batches)
             return self._finish()
         finally:
@@ -213,13 +219,12 @@ class Trainer:
         local = shard(x, self.dist)
         n = x.shape[0]
         step, before = self.step, self.tokens
-        log_now = (
-            step + 1
-        ) % self.cfg.logging.log_every_steps == 0 or step + 1 >= self.cfg.total_steps
+        last = step + 1 >= self.cfg.total_steps
+        log_now = (step + 1) % self.cfg.logging.log_every_steps == 0 or last
         rows = {m.name: m.train_step(local, step, n, log_now, before) for m in self.members}
         self.step += 1
         self.tokens += n
-        bar.update(1)
+        bar.update(n)
         for m in self.members:
             m.maybe_resample(before, self.tokens, self._sample)
         self._sample.release(before, self.tokens)
@@ -374,11 +379,12 @@ class Trainer:
         from sae.progress import progress_bar
 
         return progress_bar(
-            total=self.cfg.total_steps,
-            initial=self.step,
-            unit="step",
+            total=self.cfg.total_steps * self.cfg.batch_size,  # tokens/s is the rate shown
+            initial=self.tokens,
+            unit="tok",
+            unit_scale=True,
             desc="train",
-            disable=not (self.cfg.logging.progress and self.dist.is_main),
+            disable=not (self.cfg.logging.progress and self._show_progress and self.dist.is_main),
             dynamic_ncols=True,
         )
 

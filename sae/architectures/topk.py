@@ -48,7 +48,9 @@ class TopKDictionary(Dictionary):
     def active_codes(self, pre_acts: Float[Tensor, "B F"]) -> ActiveCodes | None:
         if self.k > MAX_ACTIVE_FRACTION * self.d_sae:
             return None
-        return codes_from_indices(self._topk(pre_acts).top_indices, self.d_sae)
+        # The k largest pre-activations without the [B, F] relu pass: where fewer than k are
+        # positive the extra picks differ from the reference's, but their codes are 0 in both.
+        return codes_from_indices(pre_acts.topk(self.k, dim=-1, sorted=False).indices, self.d_sae)
 
     def dense_output(self, pre: Float[Tensor, "B F"]) -> ForwardOutput:
         acts, idx = self._topk(pre)

@@ -13,10 +13,10 @@ router = APIRouter(
 
 
 @router.get("", response_model=DictionaryListResponse, summary="List served dictionaries")
-def list_dictionaries(state: StateDep) -> DictionaryListResponse:
+async def list_dictionaries(state: StateDep) -> DictionaryListResponse:
     return DictionaryListResponse(dictionaries=[sd.info() for sd in state.dictionaries.values()])
 
 
 @router.get("/{dictionary}", response_model=DictionaryInfo, summary="One dictionary")
-def get_dictionary(sd: DictionaryDep) -> DictionaryInfo:
+async def get_dictionary(sd: DictionaryDep) -> DictionaryInfo:
     return sd.info()

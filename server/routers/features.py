@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, Path, Query, status
+from fastapi import APIRouter, Depends, Path, Query, Response, status
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from server import features as svc
 from server.deps import DictionaryDep, ServedDictionary, StateDep, require_read, require_write
@@ -20,6 +23,7 @@ from server.schemas import (
 )
 
 router = APIRouter(prefix="/api", tags=["features"])
+T = TypeVar("T")
 
 FeatureId = Annotated[int, Path(ge=0, le=10**9, description="Index into the dictionary.")]
 Offset = Annotated[int, Query(ge=0, le=10**9, description="Items to skip.")]
@@ -31,6 +35,21 @@ Limit = Annotated[
 
 def _page(state: StateDep, limit: int | None, default: int) -> int:
     return page_size(state.settings, limit, default)
+
+
+def _json(body: BaseModel) -> Any:
+    """The response as JSON straight from pydantic: the model was built by our own code, so
+    FastAPI's validating its `response_model` again would only double the cost of a read."""
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+async def _read(sd: ServedDictionary, fn: Callable[..., T], *args: Any) -> T:
+    """A read of the feature store runs right here on the event loop: SQLite and memory-
+    mapped arrays take a millisecond, less than a hop to the threadpool and the wait for the
+    GIL there. A dictionary without analysis computes with torch instead: on the threadpool."""
+    if sd.has_analysis():
+        return fn(*args)
+    return await run_in_threadpool(fn, *args)
 
 
 def _feature_id(sd: ServedDictionary, feature_id: int) -> int:
@@ -45,7 +64,7 @@ def _feature_id(sd: ServedDictionary, feature_id: int) -> int:
     summary="A page of a dictionary's features",
     dependencies=[Depends(require_read)],
 )
-def list_features(
+async def list_features(
     state: StateDep,
     sd: DictionaryDep,
     offset: Offset = 0,
@@ -53,7 +72,7 @@ def list_features(
     order_by: svc.OrderBy = "feature_id",
     descending: bool = False,
 ) -> FeaturePage:
-    return svc.list_features(sd, offset, _page(state, limit, 50), order_by, descending)
+    return _json(svc.list_features(sd, offset, _page(state, limit, 50), order_by, descending))
 
 
 @router.get(
@@ -62,7 +81,7 @@ def list_features(
     summary="One feature: statistics, histogram, logit effects, labels, top examples",
     dependencies=[Depends(require_read)],
 )
-def get_feature(
+async def get_feature(
     state: StateDep,
     sd: DictionaryDep,
     feature_id: FeatureId,
@@ -70,7 +89,8 @@ def get_feature(
     limit: Limit = None,
 ) -> FeatureResponse:
     fid = _feature_id(sd, feature_id)
-    return svc.feature_response(state, sd, fid, offset, _page(state, limit, 10))
+    page = _page(state, limit, 10)
+    return _json(await _read(sd, svc.feature_response, state, sd, fid, offset, page))
 
 
 @router.post(
@@ -79,13 +99,20 @@ def get_feature(
     summary="Several features by address, in request order",
     dependencies=[Depends(require_read)],
 )
-def batch_features(state: StateDep, req: BatchFeaturesRequest) -> BatchFeaturesResponse:
+async def batch_features(state: StateDep, req: BatchFeaturesRequest) -> BatchFeaturesResponse:
     check_body(state.settings, req)
-    out = []
-    for address in req.features:
-        sd, fid = state.resolve(address)
-        out.append(svc.feature_response(state, sd, fid, 0, req.examples_limit))
-    return BatchFeaturesResponse(features=out)
+    resolved = [state.resolve(address) for address in req.features]
+
+    def read() -> BatchFeaturesResponse:
+        return BatchFeaturesResponse(
+            features=[
+                svc.feature_response(state, sd, fid, 0, req.examples_limit) for sd, fid in resolved
+            ]
+        )
+
+    if all(sd.has_analysis() for sd, _ in resolved):
+        return _json(read())
+    return _json(await run_in_threadpool(read))
 
 
 @router.get(

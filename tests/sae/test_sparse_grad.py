@@ -15,6 +15,7 @@ from sae.sparse_grad import (
     codes_from_indices,
     codes_from_mask,
     decode_active,
+    firing_counts,
     gather_pre_acts,
 )
 from tests.sae.util import random_dictionary
@@ -199,3 +200,18 @@ def test_compiled_forward_takes_the_sparse_path_with_the_same_gradients() -> Non
     assert not compiled(x).pre_acts.requires_grad  # the sparse path
     for a, b in zip(_grads_of(compiled, d, x), _grads_of(d.dense_forward, d, x), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk"])
+def test_firing_counts_of_the_sparse_codes_equal_the_dense_count(arch: str) -> None:
+    d = _sparse_dictionary(arch)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    for shift in (0.0, 1e3):  # then every pre-activation is negative: topk picks zero codes
+        with torch.no_grad():
+            d.b_enc.sub_(shift)
+        out = d(x)
+        assert out.active is not None and d.dense_forward(x).active is None
+        expected = (d.dense_forward(x).feature_acts != 0).sum(0).float()
+        assert bool(expected.sum() > 0) == (shift == 0)
+        torch.testing.assert_close(firing_counts(out), expected, rtol=0, atol=0)
+        torch.testing.assert_close(firing_counts(d.dense_forward(x)), expected, rtol=0, atol=0)

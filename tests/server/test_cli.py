@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -57,10 +58,20 @@ def test_sae_serve_runs_until_interrupted(dict_dirs: dict[str, Path]) -> None:
         label = f"{url}/api/features/bare/1/labels"
         assert httpx.post(label, json={"text": "x"}).status_code == 401
         assert httpx.post(label, json={"text": "x"}, headers={"X-API-Key": key}).status_code == 201
+        # Text runs in the model process, a child of the server, which goes away with it.
+        body = {"text": "import os", "features": ["feats/1", "bare/2"]}
+        r = httpx.post(f"{url}/api/activations", json=body, timeout=60)
+        assert r.status_code == 200 and len(r.json()["features"]) == 2, r.text
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert children  # the model process (and multiprocessing's resource tracker)
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{c}").exists() for c in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{c}").exists() for c in children)
     assert f"serving 2 dictionaries at http://127.0.0.1:{port}/" in "".join(lines)
 
 
