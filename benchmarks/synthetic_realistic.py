@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,9 @@ from training.config import (
     ResampleConfig,
     TrainConfig,
 )
+from training.distributed import DistInfo
+from training.initialization import input_scale
+from training.member import Member
 from training.synthetic import GroundTruthBatch, RealisticActivations, RealisticConfig
 from training.synthetic_metrics import GroundTruthMetrics, ground_truth_metrics
 from training.trainer import Trainer
@@ -130,17 +134,40 @@ def train(
 
 
 def speed_ratio(
-    args: argparse.Namespace, truth: RealisticActivations, rows: Rows, out: Path
+    args: argparse.Namespace, truth: RealisticActivations, rows: Rows
 ) -> dict[str, float]:
-    """Samples/s of topk_auxk and matryoshka_batchtopk measured alternately on the same rows
-    (rounds of `args.speed_steps` steps; the best round of each), so load on a shared machine
-    hits both alike."""
-    best = {"topk_auxk": 0.0, "matryoshka_batchtopk": 0.0}
-    for _ in range(args.speed_rounds):
-        for name in best:
-            _, rate, _ = train(name, args, truth, rows, None, out / "speed", steps=args.speed_steps)
-            best[name] = max(best[name], rate)
-    return best
+    """Samples/s of topk_auxk and matryoshka_batchtopk side by side: both train on the same
+    rows, one step of each in turn (after `args.speed_warmup` steps each, so AuxK and the
+    thresholds are live), and each rate is the batch over its median step time; load on a
+    shared machine then hits both alike."""
+    names = ("topk_auxk", "matryoshka_batchtopk")
+    steps = args.speed_warmup + args.speed_steps
+    members = {}
+    for name in names:
+        cfg = TrainConfig(
+            total_tokens=steps * args.batch,
+            batch_size=args.batch,
+            dictionary=DictionaryShape(d_sae=args.d_sae),
+            # AuxK live from the start of the timed steps, as in a long run.
+            objective=objective_config(
+                name, truth.top_l0(args.d_sae), args.speed_warmup * args.batch // 2
+            ),
+            optim=OptimConfig(lr=args.lr, warmup_steps=100),
+            resample=ResampleConfig(enabled=False),
+        )
+        m = Member(name, cfg, truth.cfg.d_in, torch.device("cpu"), DistInfo())
+        sample = rows.data[:8].flatten(0, 1).float()
+        m.initialize(sample, input_scale(sample))
+        members[name] = m
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for step in range(steps):
+        x = rows.data[step % rows.data.shape[0]].float()
+        for name, m in members.items():
+            t0 = time.perf_counter()
+            m.train_step(x, step, args.batch, want_metrics=False, tokens_before=step * args.batch)
+            if step >= args.speed_warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {n: args.batch / statistics.median(t) for n, t in times.items()}
 
 
 def draw(
@@ -210,12 +237,12 @@ def run(args: argparse.Namespace, out: Path) -> None:
         f"eval on {len(evals) * args.batch:,} held-out samples",
         flush=True,
     )
-    if args.speed_rounds:
-        speed = speed_ratio(args, truth, rows, out)
+    if args.speed_steps:
+        speed = speed_ratio(args, truth, rows)
         ratio = speed["matryoshka_batchtopk"] / speed["topk_auxk"]
         print(
-            f"side by side ({args.speed_rounds} alternating rounds of {args.speed_steps} steps, "
-            f"best of each): topk_auxk {speed['topk_auxk']:,.0f} samples/s, "
+            f"side by side (alternating single steps, median of {args.speed_steps} after "
+            f"{args.speed_warmup}): topk_auxk {speed['topk_auxk']:,.0f} samples/s, "
             f"matryoshka_batchtopk {speed['matryoshka_batchtopk']:,.0f} samples/s, "
             f"ratio {ratio:.2f}"
         )
@@ -252,10 +279,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("realistic preset")
     g.add_argument("--samples", type=int, default=4 * 2**20, help="training samples (4M)")
     g.add_argument("--eval-samples", type=int, default=65536)
-    g.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    g.add_argument("--objectives", nargs="*", default=list(OBJECTIVES), choices=OBJECTIVES)
     g.add_argument("--dead-tokens", type=int, default=262_144, help="AuxK dead window")
     g.add_argument("--curve-points", type=int, default=8)
-    g.add_argument("--speed-rounds", type=int, default=3)
-    g.add_argument("--speed-steps", type=int, default=200)
+    g.add_argument("--speed-warmup", type=int, default=300, help="steps before timing")
+    g.add_argument("--speed-steps", type=int, default=300, help="timed steps (0: skip)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--plots", default="docs", help="folder for the PNGs")

@@ -81,6 +81,13 @@ def codes_from_mask(mask: Bool[Tensor, "B F"]) -> ActiveCodes | None:
     return _codes(rows, cols, mask.shape[0], mask.shape[1])
 
 
+def codes_from_pairs(
+    rows: Int[Tensor, " N"], cols: Int[Tensor, " N"], n_rows: int, n_features: int
+) -> ActiveCodes:
+    """Given (row, feature) pairs, sorted by row, then feature (a batch-wide selection)."""
+    return _codes(rows, cols, n_rows, n_features)
+
+
 def codes_from_indices(indices: Int[Tensor, "B K"], n_features: int) -> ActiveCodes:
     """K distinct features per row (topk indices, in any order within a row)."""
     n_rows, k = indices.shape

@@ -134,6 +134,29 @@ def test_batch_topk_ranks_above_a_cutoff_only_when_that_is_exact():
     ref = set(flat.topk(4 * 32).indices.tolist())
     kth = float(flat.topk(4 * 32).values.min())
     for cutoff in (0.0, 0.5 * kth, 0.999 * kth, 2 * kth):  # none, fast, fast, fallback
-        acts, rows, cols = batch_topk(pre, 4, cutoff)
-        assert set((rows * 50 + cols).tolist()) == ref
-        assert torch.equal(acts, torch.relu(pre)[rows, cols])
+        rows, cols = batch_topk(pre, 4, cutoff)
+        flat_index = rows * 50 + cols
+        assert set(flat_index.tolist()) == ref
+        assert torch.equal(flat_index, flat_index.sort().values)  # sorted by row, then latent
+
+
+def test_matryoshka_sparse_gradients_equal_the_dense_reference():
+    torch.manual_seed(0)
+    cfg = ObjectiveConfig(name="matryoshka_batchtopk", k=3, dead_tokens=10)
+    obj = MatryoshkaBatchTopK(cfg, d_in=6, d_sae=16)
+    d = build(obj.dictionary_config(6, 16)).double()
+    obj.init_weights(d, torch.Generator().manual_seed(0))
+    x = torch.randn(12, 6, dtype=torch.float64)
+    since = torch.zeros(16, dtype=torch.long)
+    since[[2, 9]] = 100  # two dead latents: AuxK takes part
+    grads = []
+    for sparse in (True, False):
+        d.sparse_grad = sparse
+        d.zero_grad()
+        res = obj.loss(d, x, StepContext(0.0, since))
+        assert res.out.pre_acts.requires_grad is not sparse
+        res.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-9, atol=1e-12)

@@ -9,7 +9,8 @@ of every nested prefix of the latents, so the first m latents must reconstruct x
 Early latents therefore learn general (parent) features and cannot let a child's latent absorb
 them, which is what resists feature absorption. The prefixes share one encoding and one sparse
 decode: each kept activation is decoded once into the bucket of the first prefix containing it,
-and the prefix reconstructions are the cumulative sums of the buckets, O(B k D) in all. The
+and the prefix reconstructions are the cumulative sums of the buckets, O(B k D) in all; the
+encoder's gradients flow through the kept codes only, as in sae/sparse_grad.py. The
 batch-wide top-kB ranks only the activations above a cutoff below the running threshold
 (`batch_topk`, exact, with a full ranking as the fallback).
 Saved for inference, like `batchtopk`, as a `jumprelu` with the learned threshold.
@@ -17,16 +18,21 @@ Saved for inference, like `batchtopk`, as a `jumprelu` with the learned threshol
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from sae.architectures.batchtopk import BatchTopKDictionary
 from sae.base import Dictionary, ForwardOutput
+from sae.sparse_grad import ActiveCodes, codes_from_pairs, decode_active, gather_pre_acts
 from training.objectives.base import LossOutput, StepContext, register_objective
 from training.objectives.batchtopk import BatchTopK
 from training.objectives.topk_auxk import auxk_loss
+
+if TYPE_CHECKING:
+    from training.config import ObjectiveConfig
 
 
 def prefix_widths(fractions: tuple[float, ...], d_sae: int) -> list[int]:
@@ -37,51 +43,55 @@ def prefix_widths(fractions: tuple[float, ...], d_sae: int) -> list[int]:
 
 def batch_topk(
     pre: Float[Tensor, "B F"], k: int, cutoff: float
-) -> tuple[Float[Tensor, " N"], Int[Tensor, " N"], Int[Tensor, " N"]]:
-    """The k*B largest ReLU(pre) of the batch as (value, row, latent), the selection of
-    BatchTopKDictionary.activation. When at least k*B values exceed `cutoff` > 0 the largest
-    are among them, so only those are ranked (a compare and a small top-k instead of a top-kB
-    over all B*F values); otherwise, or with no cutoff yet, the whole batch is ranked."""
+) -> tuple[Int[Tensor, " N"], Int[Tensor, " N"]]:
+    """(row, latent) of the k*B largest ReLU(pre) of the batch, sorted by row then latent: the
+    selection of BatchTopKDictionary.activation. When at least k*B values exceed `cutoff` > 0
+    the largest are among them, so only those are ranked (a compare and a small top-k instead
+    of a top-kB over all B*F values); otherwise, or with no cutoff yet, the whole batch is."""
     B, F_ = pre.shape
     flat = torch.relu(pre).flatten()
     n_keep = min(k * B, flat.numel())
     if cutoff > 0:
-        candidates = (flat > cutoff).nonzero().squeeze(-1)
+        candidates = (flat > cutoff).nonzero().squeeze(-1)  # in row-major order
         if candidates.numel() >= n_keep:
-            acts, pos = flat[candidates].topk(n_keep, sorted=False)
-            idx = candidates[pos]
-            return acts, idx // F_, idx % F_
-    acts, idx = flat.topk(n_keep, sorted=False)
-    return acts, idx // F_, idx % F_
+            _, pos = flat[candidates].topk(n_keep, sorted=False)
+            keep = torch.zeros(candidates.numel(), dtype=torch.bool, device=pre.device)
+            idx = candidates[keep.index_fill_(0, pos, True)]
+            return idx // F_, idx % F_
+    idx = flat.topk(n_keep, sorted=False).indices.sort().values
+    return idx // F_, idx % F_
 
 
 def prefix_reconstructions(
     d: Dictionary,
-    acts: Float[Tensor, " N"],
-    rows: Int[Tensor, " N"],
-    cols: Int[Tensor, " N"],
-    batch: int,
+    values: Float[Tensor, " N"],
+    codes: ActiveCodes,
     widths: list[int],
-) -> Float[Tensor, "M B D"]:
-    """x_hat of every prefix from the kept activations (value, row, latent), one decode each."""
-    bounds = torch.tensor(widths[:-1], device=cols.device)
-    bucket = torch.bucketize(cols, bounds, right=True)  # first prefix that contains the latent
-    key = bucket * batch + rows
-    order = key.argsort()
-    offsets = torch.searchsorted(key[order], torch.arange(len(widths) * batch, device=key.device))
-    # embedding_bag gathers only the kept decoder rows, as Dictionary.decode_sparse does.
-    buckets = F.embedding_bag(
-        cols[order], d.W_dec, offsets, mode="sum", per_sample_weights=acts[order].to(d.W_dec.dtype)
-    )
-    parts = list(buckets.view(len(widths), batch, d.d_in).unbind())
-    for i in range(1, len(parts)):  # a running sum; cumsum over a short leading dim is slow
-        parts[i] = parts[i - 1] + parts[i]
-    return torch.stack(parts) + d.b_dec
+) -> list[Float[Tensor, "B D"]]:
+    """x_hat of every prefix from the kept codes (sorted by row, then latent): each code is
+    decoded once into the bucket of the first prefix containing its latent, then the buckets
+    are summed cumulatively."""
+    batch = codes.offsets.numel() - 1
+    bounds = torch.tensor(widths[:-1], device=codes.cols.device)
+    bucket = torch.bucketize(codes.cols, bounds, right=True)
+    key = bucket * batch + codes.rows
+    order = torch.argsort(key, stable=True)  # by bucket, then row, then latent
+    buckets = codes_from_pairs(key[order], codes.cols[order], len(widths) * batch, d.d_sae)
+    decoded = decode_active(values[order], buckets, d.W_dec).view(len(widths), batch, d.d_in)
+    prefixes = [decoded[0] + d.b_dec]
+    for part in decoded[1:]:  # a running sum; cumsum over a short leading dim is slow
+        prefixes.append(prefixes[-1] + part)
+    return prefixes
 
 
 @register_objective("matryoshka_batchtopk")
 class MatryoshkaBatchTopK(BatchTopK):
     architecture = "batchtopk"
+
+    def __init__(self, cfg: ObjectiveConfig, d_in: int, d_sae: int) -> None:
+        super().__init__(cfg, d_in, d_sae)
+        self._kept: Tensor | None = None
+        """The last step's kept activations (what the threshold estimate needs)."""
 
     def widths(self) -> list[int]:
         return prefix_widths(self.cfg.matryoshka_prefixes, self.d_sae)
@@ -89,18 +99,25 @@ class MatryoshkaBatchTopK(BatchTopK):
     def loss(self, d: Dictionary, x: Float[Tensor, "B D"], ctx: StepContext) -> LossOutput:
         assert self.cfg.k is not None
         pre = d.pre_activations(x)
-        B = pre.shape[0]
+        B, F_ = pre.shape
         # Below the running threshold (the smallest kept activation, averaged over batches)
         # with a margin: almost always more than k*B candidates, so the fast path applies.
         threshold = getattr(d, "threshold", None)
         cutoff = 0.75 * float(threshold) if isinstance(threshold, Tensor) else 0.0
-        acts, rows, cols = batch_topk(pre, self.cfg.k, cutoff)
+        rows, cols = batch_topk(pre.detach(), self.cfg.k, cutoff)
+        codes = codes_from_pairs(rows, cols, B, F_)
+        if d.sparse_grad:  # encoder gradients through the kept codes only (sae/sparse_grad.py)
+            pre = pre.detach()
+            values = torch.relu(gather_pre_acts(d, x, pre, codes))
+        else:  # the dense reference
+            values = torch.relu(pre[codes.rows, codes.cols])
         widths = self.widths()
-        x_hats = prefix_reconstructions(d, acts, rows, cols, B, widths)
-        f = torch.zeros_like(pre).index_put_((rows, cols), acts.detach())
+        x_hats = prefix_reconstructions(d, values, codes, widths)
+        self._kept = values.detach()
+        f = pre.new_zeros(pre.shape).index_put_((codes.rows, codes.cols), self._kept)
         out = ForwardOutput(x_hat=x_hats[-1], feature_acts=f, pre_acts=pre)
         total = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-        per_prefix = (x_hats - x).pow(2).sum((1, 2)) / total
+        per_prefix = torch.stack([(x_hat - x).pow(2).sum() for x_hat in x_hats]) / total
         loss = per_prefix.mean()
         parts = {"fvu": per_prefix[-1].detach(), "fvu_prefix_mean": loss.detach()}
         for width, value in zip(widths[:-1], per_prefix[:-1], strict=True):
@@ -111,6 +128,13 @@ class MatryoshkaBatchTopK(BatchTopK):
             loss = loss + self.cfg.auxk_coefficient * aux
             parts["auxk"] = aux.detach()
         return LossOutput(loss, out, parts)
+
+    def after_optimizer_step(self, d: Dictionary, out: ForwardOutput) -> None:
+        # BatchTopK's threshold update without a pass over the [B, F] codes: the kept values.
+        super(BatchTopK, self).after_optimizer_step(d, out)  # the decoder constraint
+        assert isinstance(d, BatchTopKDictionary)
+        kept = out.feature_acts if self._kept is None else self._kept
+        d.update_threshold(kept, lr=self.cfg.threshold_lr)
 
     def finalize(self, d: Dictionary) -> Dictionary:
         assert isinstance(d, BatchTopKDictionary)
