@@ -72,5 +72,8 @@ def run(args: argparse.Namespace) -> int:
         log.warning("no API key: labels and steering are disabled (set SAE_SERVE_API_KEY)")
     hosts = trusted_hosts(settings.host, settings.allowed_hosts)
     log.info("answering Host names: %s (add more with --allowed-hosts)", ", ".join(sorted(hosts)))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    finally:
+        state.close()  # ends the model process too
     return 0

@@ -26,6 +26,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -94,6 +95,9 @@ def _child(settings: ServerSettings, conn: Connection) -> None:
     from server.deps import load_state
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s: %(message)s")
+    # Ctrl-C in a terminal reaches the whole process group; the server ends this process by
+    # closing the pipe, after its own shutdown, instead of a traceback from here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         os.nice(NICENESS)
     try:
