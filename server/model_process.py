@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import itertools
 import logging
@@ -49,6 +50,8 @@ Kind = Literal["activations", "top_features", "steer"]
 NICENESS = 5
 """How much lower the child's CPU priority is than the server's (see the module docstring)."""
 START_TIMEOUT_S = 600.0
+IDLE_S = 2.0
+"""Seconds without a request after which the child returns its free memory."""
 
 
 def _jobs() -> dict[str, tuple[type[BaseModel], Callable[..., BaseModel], bool]]:
@@ -106,16 +109,32 @@ def _child(settings: ServerSettings, conn: Connection) -> None:
         with send_lock:
             conn.send((job_id, *outcome))
 
+    in_flight: list[Future[None]] = []
+    worked = False  # since memory was last returned
     with ThreadPoolExecutor(settings.max_queue, thread_name_prefix="model-job") as pool:
         while True:
             try:
+                if not conn.poll(IDLE_S):
+                    if worked and all(f.done() for f in in_flight):  # once per idle spell
+                        worked = False
+                        _return_free_memory()
+                    continue
                 msg = conn.recv()
             except (EOFError, OSError):
                 break
             if msg is None:
                 break
-            pool.submit(run, *msg)
+            in_flight = [f for f in in_flight if not f.done()]
+            in_flight.append(pool.submit(run, *msg))
+            worked = True
     state.close()
+
+
+def _return_free_memory() -> None:
+    """Give the pages glibc keeps after a burst of requests back to the system, so the
+    process shrinks to its resting size when the load is over (no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # -- the server side ------------------------------------------------------------------------------
