@@ -28,43 +28,42 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-import torch
-
+from activations.cache_folder import (
+    check_out,
+    complete_shards,
+    fingerprint_of,
+    folder_bytes,
+    lock_name,
+    start_out,
+)
 from activations.cache_format import (
-    CONFIG_FILE,
     COUNT_FILE,
     FORMAT,
     FORMAT_VERSION,
-    MANIFEST,
     META_BYTES_PER_ROW,
     StorageDtype,
-    file_sha256,
     hook_dir,
     part_name,
     shard_name,
     shard_problem,
-    verify_shard,
 )
+from activations.cache_passes import Plan, Run, compute_shards, find_damage, known_digests, repair
 from activations.cache_writer import (
-    ShardBuffers,
     ShardWriter,
     merge_manifest,
     write_part_manifest,
 )
-from activations.prefetch import in_background
-from activations.text import TextConfig, check_source, context_batches, iter_contexts
+from activations.text import TextConfig, check_source, iter_contexts
 from sae.atomic import atomic_write_json, check_free_disk
 from sae.dataclass_cli import to_dict
 from sae.devices import DTYPES, resolve_device
 from sae.errors import UserError
-from sae.locks import LOCK_NAME, hold_folder
+from sae.locks import hold_folder
 from sae.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -129,134 +128,20 @@ class CacheResult(NamedTuple):
     """Damaged shards this call rewrote ("hook/shard-..: problem")."""
 
 
-class _Plan(NamedTuple):
-    """Row accounting of one rank: which contexts it runs and how many rows they give."""
-
-    rows_per_context: int
-    max_contexts: int | None
-    """Bound on the global context stream (from max_tokens); None: the whole dataset."""
-    last_rows: int
-    """Rows kept from the global context max_contexts - 1 (max_tokens need not fill it)."""
-
-
 def dist_info() -> tuple[int, int]:
     """(rank, world_size) from the torchrun environment; (0, 1) otherwise."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-# -- the folder ----------------------------------------------------------------------------
-
-
-def _fingerprint(cfg: CacheConfig, shard_tokens: int, world_size: int) -> dict[str, Any]:
-    """Everything that decides the bytes of the cache (not device, batch size, overwrite)."""
-    text = to_dict(cfg.text)
-    text.pop("batch_size")
-    return {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "model": cfg.model,
-        "model_dtype": cfg.model_dtype,
-        "hooks": list(cfg.hooks),
-        "text": text,
-        "dtype": cfg.dtype,
-        "max_tokens": cfg.max_tokens,
-        "shard_tokens": shard_tokens,
-        "drop_bos": cfg.drop_bos,
-        "world_size": world_size,
-    }
-
-
-def options_from_fingerprint(fingerprint: dict[str, Any], out: Path) -> dict[str, Any]:
-    """CacheConfig options that redo the run a cache_config.json describes (in folder `out`).
-
-    The text batch size is not part of the fingerprint (it does not change the rows); it is
-    taken from a hook's manifest where there is one, so a repair batches contexts as the
-    first run did.
-    """
-    options = {k: v for k, v in fingerprint.items() if k not in ("format", "version", "world_size")}
-    for hook in fingerprint.get("hooks", []):
-        manifest = hook_dir(out, hook) / MANIFEST
-        if manifest.is_file():
-            batch_size = json.loads(manifest.read_text()).get("dataset", {}).get("batch_size")
-            if batch_size is not None:
-                options["text"] = {**options.get("text", {}), "batch_size": batch_size}
-            break
-    return {**options, "out": str(out)}
-
-
-def _lock_name(rank: int) -> str:
-    return LOCK_NAME if rank == 0 else f"{LOCK_NAME}.rank{rank:02d}"
-
-
-def _check_out(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
-    """Refuse a folder holding anything but this same run; writes nothing. Returns the config
-    of a different run that `overwrite` will replace, None if there is none."""
-    config_path = out / CONFIG_FILE
-    if config_path.is_file():
-        old = json.loads(config_path.read_text())
-        if old == fingerprint:
-            return None
-        if not overwrite:
-            changed = sorted(
-                k for k in fingerprint.keys() | old.keys() if old.get(k) != fingerprint.get(k)
-            )
-            raise UserError(
-                f"{out} holds a cache of a different run (differs in {', '.join(changed)}); "
-                "pick another --out or pass --overwrite"
-            )
-        return dict(old)
-    if out.exists():
-        # Another rank of the same torchrun job may be a moment ahead: its hook folders, lock
-        # and temporary files are expected here, anything else is someone else's data.
-        ours = {*fingerprint["hooks"], COUNT_FILE}
-        foreign = [
-            p.name
-            for p in out.iterdir()
-            if p.name not in ours
-            and not p.name.startswith(LOCK_NAME)
-            and not (p.name.startswith(".") and p.name.endswith(".tmp"))
-        ]
-        if foreign:
-            raise UserError(
-                f"{out} is not empty and is not an activation cache (holds {foreign[0]}); "
-                "pick another --out"
-            )
-    return None
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def _start_out(out: Path, fingerprint: dict[str, Any], replacing: dict[str, Any] | None) -> None:
-    """Clear the run being replaced, then record this run's config (the resume key)."""
-    if replacing is not None:
-        for name in replacing.get("hooks", []):
-            shutil.rmtree(hook_dir(out, name), ignore_errors=True)
-        (out / COUNT_FILE).unlink(missing_ok=True)
-    if not (out / CONFIG_FILE).is_file() or replacing is not None:
-        atomic_write_json(out / CONFIG_FILE, fingerprint)
-
-
-def _complete_shards(folder: Path, rank: int) -> int:
-    """Number of this rank's shards 0, 1, 2, ... present (renamed, hence complete)."""
-    for leftover in folder.glob(f".shard-{rank:02d}-*.tmp"):
-        leftover.unlink(missing_ok=True)  # a temp file of a killed run: never complete
-    n = 0
-    while (folder / shard_name(rank, n)).is_file():
-        n += 1
-    return n
-
-
-def _plan(cfg: CacheConfig) -> _Plan:
+def _plan(cfg: CacheConfig) -> Plan:
     rows = cfg.text.context_size - (1 if cfg.drop_bos else 0)
     if cfg.max_tokens is None:
-        return _Plan(rows, None, rows)
+        return Plan(rows, None, rows)
     n = math.ceil(cfg.max_tokens / rows)
-    return _Plan(rows, n, cfg.max_tokens - (n - 1) * rows)
+    return Plan(rows, n, cfg.max_tokens - (n - 1) * rows)
 
 
-def _rank_rows(plan: _Plan, n_contexts: int, rank: int, world: int) -> int:
+def _rank_rows(plan: Plan, n_contexts: int, rank: int, world: int) -> int:
     """Rows this rank caches when the global stream has n_contexts contexts."""
     mine = len(range(rank, n_contexts, world))
     rows = mine * plan.rows_per_context
@@ -286,166 +171,6 @@ def _count_contexts(cfg: CacheConfig, tokenizer: Any) -> tuple[int | None, bool]
     ):
         n += 1
     return n, True
-
-
-# -- computing shards -----------------------------------------------------------------------
-
-
-class _Run(NamedTuple):
-    """What every pass over the text of one caching run shares."""
-
-    cfg: CacheConfig
-    model: Any
-    names: list[str]
-    folders: dict[str, Path]
-    widths: dict[str, int]
-    shard_tokens: int
-    rank: int
-    world: int
-    plan: _Plan
-
-
-def _compute_shards(
-    run: _Run,
-    writer: ShardWriter,
-    first: int,
-    last: int | None = None,
-    keep: Callable[[int, str], bool] | None = None,
-    bar: Any = None,
-) -> tuple[int, int]:
-    """Compute shards first..last (None: to the end of the stream) of this rank and hand the
-    ones `keep` picks to the writer. Returns (index after the last shard, rows computed).
-
-    The pass starts at the batch boundary (of text.batch_size contexts, counted from this
-    rank's first context) at or before the shard's first context, so the model sees the
-    batches an uninterrupted run saw.
-    """
-    from activations.hooks import ActivationCapture
-
-    cfg, plan = run.cfg, run.plan
-    device = next(run.model.parameters()).device
-    first_row = first * run.shard_tokens
-    start = first_row // plan.rows_per_context // cfg.text.batch_size * cfg.text.batch_size
-    skip_rows = first_row - start * plan.rows_per_context
-    p0 = 1 if cfg.drop_bos else 0
-    T = cfg.text.context_size
-    positions = torch.arange(p0, T, dtype=torch.int32)
-    shards = ShardBuffers(run.folders, run.widths, run.shard_tokens, run.rank, first, writer, keep)
-    contexts = context_batches(
-        cfg.text,
-        run.model.tokenizer,
-        rank=run.rank,
-        world_size=run.world,
-        start=start,
-        max_contexts=plan.max_contexts,
-    )
-    new_rows = 0
-    # Tokenize on a thread, ahead of the forward pass, so it costs no model time.
-    batches = in_background(contexts, depth=8)
-    try:
-        with ActivationCapture(run.model, run.names) as capture:
-            for batch in batches:
-                acts = capture(batch.tokens.to(device))
-                S = batch.tokens.shape[0]
-                # The rows kept are one range: the rows before `first`'s are skipped,
-                # max_tokens cuts the end of the global last context, which ends its batch.
-                lo = min(skip_rows, S * (T - p0))
-                hi = S * (T - p0)
-                skip_rows -= lo
-                if plan.max_contexts is not None and batch.sequence[-1] == plan.max_contexts - 1:
-                    hi -= plan.rows_per_context - plan.last_rows
-                if lo < hi:
-                    meta = {
-                        "token_ids": batch.tokens[:, p0:].reshape(-1)[lo:hi].to(torch.int32),
-                        "sequence": batch.sequence[:, None].expand(S, T - p0).reshape(-1)[lo:hi],
-                        "position": positions.expand(S, T - p0).reshape(-1)[lo:hi],
-                    }
-                    shards.add(
-                        {
-                            n: a[:, p0:].reshape(S * (T - p0), -1)[lo:hi].float().cpu()
-                            for n, a in acts.items()
-                        },
-                        meta,
-                    )
-                    new_rows += hi - lo
-                    if bar is not None:
-                        bar.update(hi - lo)
-                if last is not None and shards.next_index > last:
-                    return shards.next_index, new_rows
-    finally:
-        getattr(batches, "close", lambda: None)()  # stops the tokenizer thread
-    shards.flush()
-    return shards.next_index, new_rows
-
-
-def _find_damage(
-    run: _Run, parts: dict[str, dict[str, Any]], verify: bool
-) -> dict[int, dict[str, str]]:
-    """{shard index: {hook: problem}} over this rank's finished shards (sizes; with `verify`
-    the checksums too)."""
-    damaged: dict[int, dict[str, str]] = {}
-    entries = [(n, i, e) for n in run.names for i, e in enumerate(parts[n]["shards"])]
-    unchecked = sum(1 for *_, e in entries if "sha256" not in e)
-    if unchecked:
-        logger.info(
-            "%d shard(s) have no recorded checksum (a cache written before checksums): %s",
-            unchecked,
-            "recording them now, their contents cannot be checked"
-            if verify
-            else "sizes are checked from their headers; --verify records checksums",
-        )
-    for name, i, entry in progress_bar(
-        entries, desc="verifying", unit="shard", disable=not verify, leave=False
-    ):
-        path = run.folders[name] / entry["file"]
-        problem = verify_shard(path, entry) if verify else shard_problem(path, entry)
-        if problem is not None:
-            damaged.setdefault(i, {})[name] = problem
-    return damaged
-
-
-def _known_digests(run: _Run, parts: dict[str, dict[str, Any]], verify: bool) -> dict[Path, Any]:
-    """Size and checksum of each listed shard, from the part manifests (hashed now, with
-    `verify`, where an older part has none)."""
-    digests: dict[Path, Any] = {}
-    for name in run.names:
-        for entry in parts[name]["shards"]:
-            path = run.folders[name] / entry["file"]
-            if "sha256" in entry:
-                digests[path] = {"bytes": entry["bytes"], "sha256": entry["sha256"]}
-            elif verify and path.is_file():
-                digests[path] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-    return digests
-
-
-def _repair(
-    run: _Run, writer: ShardWriter, damaged: dict[int, dict[str, str]]
-) -> tuple[tuple[str, ...], int]:
-    """Compute the damaged shards again and rewrite exactly those files."""
-    names = tuple(
-        f"{hook}/{shard_name(run.rank, i)}: {problem}"
-        for i in sorted(damaged)
-        for hook, problem in damaged[i].items()
-    )
-    logger.warning("rewriting %d damaged shard(s): %s", len(names), "; ".join(names))
-    rows = 0
-    for first, last in _ranges(sorted(damaged)):
-        _, n = _compute_shards(
-            run, writer, first, last, keep=lambda i, hook: hook in damaged.get(i, {})
-        )
-        rows += n
-    return names, rows
-
-
-def _ranges(indices: list[int]) -> list[tuple[int, int]]:
-    """[1, 2, 3, 7] -> [(1, 3), (7, 7)]: consecutive shards are computed in one pass."""
-    out: list[tuple[int, int]] = []
-    for i in indices:
-        if out and out[-1][1] == i - 1:
-            out[-1] = (out[-1][0], i)
-        else:
-            out.append((i, i))
-    return out
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -485,7 +210,7 @@ def cache_activations(
     shard_tokens = cfg.shard_tokens or max(
         1024, SHARD_TARGET_BYTES // (max(widths.values()) * itemsize) // 1024 * 1024
     )
-    run = _Run(
+    run = Run(
         cfg,
         model,
         names,
@@ -496,15 +221,15 @@ def cache_activations(
         world,
         _plan(cfg),
     )
-    with hold_folder(out, "sae cache", name=_lock_name(rank)):
-        result = _cache(run, _fingerprint(cfg, shard_tokens, world))
+    with hold_folder(out, "sae cache", name=lock_name(rank)):
+        result = _cache(run, fingerprint_of(cfg, shard_tokens, world))
     return result._replace(seconds=time.perf_counter() - start_time)
 
 
-def _cache(run: _Run, fingerprint: dict[str, Any]) -> CacheResult:
+def _cache(run: Run, fingerprint: dict[str, Any]) -> CacheResult:
     cfg, rank, world, names, folders = run.cfg, run.rank, run.world, run.names, run.folders
     out = Path(cfg.out)
-    replacing = _check_out(out, fingerprint, cfg.overwrite)
+    replacing = check_out(out, fingerprint, cfg.overwrite)
     base = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -526,17 +251,17 @@ def _cache(run: _Run, fingerprint: dict[str, Any]) -> CacheResult:
         writer.close()
 
 
-def _check_finished(run: _Run, writer: ShardWriter, bases: dict[str, Any]) -> CacheResult:
+def _check_finished(run: Run, writer: ShardWriter, bases: dict[str, Any]) -> CacheResult:
     """A rank that is done: check its shards, rewrite the damaged ones, merge manifests."""
     parts = {n: json.loads((run.folders[n] / part_name(run.rank)).read_text()) for n in run.names}
-    damaged = _find_damage(run, parts, run.cfg.verify)
+    damaged = find_damage(run, parts, run.cfg.verify)
     repaired: tuple[str, ...] = ()
     new_rows = 0
     record = run.cfg.verify and any("sha256" not in e for p in parts.values() for e in p["shards"])
     if damaged or record:
-        digests = _known_digests(run, parts, run.cfg.verify)
+        digests = known_digests(run, parts, run.cfg.verify)
         if damaged:
-            repaired, new_rows = _repair(run, writer, damaged)
+            repaired, new_rows = repair(run, writer, damaged)
             writer.close()  # every rewritten shard is on disk before the manifests list it
             for path, digest in writer.digests.items():
                 if path in digests and digests[path]["sha256"] != digest["sha256"]:
@@ -557,7 +282,7 @@ def _check_finished(run: _Run, writer: ShardWriter, bases: dict[str, Any]) -> Ca
 
 
 def _write(
-    run: _Run,
+    run: Run,
     writer: ShardWriter,
     fingerprint: dict[str, Any],
     replacing: dict[str, Any] | None,
@@ -576,7 +301,7 @@ def _write(
     done_shards = 0
     damaged: dict[int, dict[str, str]] = {}
     if replacing is None and all(f.is_dir() for f in folders.values()):
-        done_shards = min(_complete_shards(folders[n], rank) for n in names)
+        done_shards = min(complete_shards(folders[n], rank) for n in names)
         # Shards an interrupted run wrote: present means renamed whole, but a disk can still
         # lose or cut them afterwards; their headers say the size each must have.
         for i in range(done_shards):
@@ -597,13 +322,13 @@ def _write(
         rows = max(total - done_rows, 0) + len(damaged) * run.shard_tokens
         reclaimed = 0
         if replacing is not None:
-            reclaimed = sum(_folder_bytes(hook_dir(out, h)) for h in replacing.get("hooks", []))
+            reclaimed = sum(folder_bytes(hook_dir(out, h)) for h in replacing.get("hooks", []))
         needed = max(rows * bytes_per_row - reclaimed, 0)
         check_free_disk(out, needed, what=f"the cache in {out}")
     else:
         logger.warning("dataset size unknown: free disk is checked before each shard only")
 
-    _start_out(out, fingerprint, replacing)
+    start_out(out, fingerprint, replacing)
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
     if counted:
@@ -614,10 +339,10 @@ def _write(
     repaired: tuple[str, ...] = ()
     new_rows = 0
     if damaged:
-        repaired, new_rows = _repair(run, writer, damaged)
+        repaired, new_rows = repair(run, writer, damaged)
     bar = progress_bar(total=total, initial=done_rows, unit="tok", unit_scale=True, desc="caching")
     try:
-        n_shards, rows = _compute_shards(run, writer, done_shards, bar=bar)
+        n_shards, rows = compute_shards(run, writer, done_shards, bar=bar)
         new_rows += rows
     finally:
         bar.close()

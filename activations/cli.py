@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _own_config(path: str) -> dict[str, Any] | None:
     """The options of a cache's own cache_config.json (None for any other config file)."""
-    from activations.cache import options_from_fingerprint
+    from activations.cache_folder import options_from_fingerprint
     from activations.cache_format import FORMAT
 
     file = Path(path)
