@@ -28,7 +28,7 @@ import multiprocessing
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Literal
@@ -39,7 +39,7 @@ from pydantic import BaseModel
 from sae.errors import UserError
 from server.errors import ApiError
 from server.inference import LimitExceeded
-from server.worker import Busy
+from server.worker import admit_request
 
 if TYPE_CHECKING:
     from server.deps import AppState
@@ -198,15 +198,7 @@ class ModelProcess:
         for future in futures:
             future.set_result(("gone", None))
 
-    @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        if self.pending >= self.max_waiting:
-            raise Busy(f"{self.pending} model requests are queued; retry shortly")
-        self.pending += 1
-        try:
-            yield
-        finally:
-            self.pending -= 1
+    admit = admit_request
 
     async def call(self, kind: Kind, req: BaseModel) -> Response:
         """The child's answer to one request, as the JSON response the handler would give."""

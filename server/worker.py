@@ -37,6 +37,19 @@ class Busy(Exception):
     """Too many model requests are waiting; the client should retry later."""
 
 
+@contextlib.contextmanager
+def admit_request(queue: Any) -> Iterator[None]:
+    """Count a model request as pending while it runs; `Busy` past `queue.max_waiting`.
+    (The `admit` method of both the model thread's and the model process's queue.)"""
+    if queue.pending >= queue.max_waiting:
+        raise Busy(f"{queue.pending} model requests are queued; retry shortly")
+    queue.pending += 1
+    try:
+        yield
+    finally:
+        queue.pending -= 1
+
+
 @dataclass
 class _Job:
     future: Future[Any]
@@ -67,15 +80,7 @@ class ModelQueue:
         self._thread.start()
 
     # -- the event-loop side ----------------------------------------------------------------
-    @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        if self.pending >= self.max_waiting:
-            raise Busy(f"{self.pending} model requests are queued; retry shortly")
-        self.pending += 1
-        try:
-            yield
-        finally:
-            self.pending -= 1
+    admit = admit_request
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` alone on the worker thread (it may run forward passes itself)."""

@@ -45,7 +45,29 @@ class SyntheticConfig:
     """Seed of the features, the probabilities and the batches."""
 
 
-class SyntheticActivations:
+class _IndexedBatches:
+    """A resumable source whose batch i is a pure function of i (`batch(i)`)."""
+
+    n_batches: int | None
+    position: int
+
+    def batch(self, index: int) -> Tensor:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Tensor]:
+        while self.n_batches is None or self.position < self.n_batches:
+            x = self.batch(self.position)
+            self.position += 1
+            yield x
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+
+
+class SyntheticActivations(_IndexedBatches):
     """An iterable of [batch_size, d_in] batches with exact, resumable order."""
 
     def __init__(
@@ -83,18 +105,6 @@ class SyntheticActivations:
         if cfg.noise > 0:
             x = x + cfg.noise * torch.randn(x.shape, generator=gen)
         return x
-
-    def __iter__(self) -> Iterator[Tensor]:
-        while self.n_batches is None or self.position < self.n_batches:
-            x = self.batch(self.position)
-            self.position += 1
-            yield x
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.position = int(state["position"])
 
 
 @dataclass
@@ -207,7 +217,7 @@ def _geometric_firings(
     return position[keep], feature[keep]
 
 
-class RealisticActivations:
+class RealisticActivations(_IndexedBatches):
     """An iterable of [batch_size, d_in] batches of `RealisticConfig` data, generated on the fly
     (batch j from a generator seeded by (seed, offset + j)), resumable like SyntheticActivations.
 
@@ -328,18 +338,6 @@ class RealisticActivations:
 
     def batch(self, index: int) -> Float[Tensor, "B D"]:
         return self.sample(index).x
-
-    def __iter__(self) -> Iterator[Tensor]:
-        while self.n_batches is None or self.position < self.n_batches:
-            x = self.batch(self.position)
-            self.position += 1
-            yield x
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.position = int(state["position"])
 
 
 @torch.no_grad()
