@@ -9,8 +9,9 @@ At each scheduled point (TrainConfig.resample_points), a feature that has not fi
   3. decoder row  <- that input, normalised to unit norm;
   4. encoder row  <- the same direction, scaled to 0.2 x the mean encoder norm of alive features;
   5. encoder bias <- 0;
-  6. Adam's moments (exp_avg, exp_avg_sq) of the touched rows/columns <- 0, so stale momentum
-     from the dead feature does not push the fresh one around.
+  6. Adam's first moment of the touched rows/columns <- 0, so stale momentum from the dead
+     feature does not push the fresh one around; the second moment <- that of the alive
+     features (see `_reset_adam_`: torch's Adam is bias-corrected by the global step).
 "The input" is taken as the encoder sees it, x - b_dec (the paper's autoencoder subtracts the
 decoder bias before encoding and adds it back after decoding): the new feature then fires on
 the input it was drawn from, which with the raw x it need not when b_dec is large, as for MLP
@@ -65,14 +66,30 @@ def resample_losses(
 
 
 def _reset_adam_(
-    optimizer: torch.optim.Optimizer, param: Tensor, index: Int[Tensor, " N"], dim: int
+    optimizer: torch.optim.Optimizer,
+    param: Tensor,
+    index: Int[Tensor, " N"],
+    keep: Bool[Tensor, " F"],
+    dim: int,
 ) -> None:
+    """First moment of the touched slices <- 0; second moment <- the mean of the kept ones.
+
+    torch's Adam corrects both moments' bias by the global step, so a zeroed second moment
+    late in training is not treated as empty: the slice's first few hundred updates come out
+    2-5x the learning rate, in the sign of the gradient, and scramble the fresh direction
+    before it settles. Starting the second moment at the alive features' level gives the new
+    feature updates of the usual size, with no stale momentum."""
     state = optimizer.state.get(param)
     if not state:
         return
-    for key in ("exp_avg", "exp_avg_sq"):
-        if key in state:
-            state[key].index_fill_(dim, index, 0.0)
+    if "exp_avg" in state:
+        state["exp_avg"].index_fill_(dim, index, 0.0)
+    if "exp_avg_sq" in state:
+        sq = state["exp_avg_sq"]
+        level = sq.index_select(dim, keep.nonzero().squeeze(-1)).mean(dim, keepdim=True)
+        shape = list(sq.shape)
+        shape[dim] = index.numel()
+        sq.index_copy_(dim, index, level.expand(shape).contiguous())
 
 
 @torch.no_grad()
@@ -114,9 +131,10 @@ def resample_dead_features(
     d.W_dec[dead_ids] = directions
     d.W_enc[:, dead_ids] = (directions * alive_norm * encoder_scale).T
     d.b_enc[dead_ids] = 0.0
-    _reset_adam_(optimizer, d.W_dec, dead_ids, dim=0)
-    _reset_adam_(optimizer, d.W_enc, dead_ids, dim=1)
-    _reset_adam_(optimizer, d.b_enc, dead_ids, dim=0)
+    keep = alive if alive.any() else torch.ones_like(alive)
+    _reset_adam_(optimizer, d.W_dec, dead_ids, keep, dim=0)
+    _reset_adam_(optimizer, d.W_enc, dead_ids, keep, dim=1)
+    _reset_adam_(optimizer, d.b_enc, dead_ids, keep, dim=0)
     return dead_ids
 
 

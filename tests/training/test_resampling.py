@@ -38,6 +38,7 @@ def test_resample_sets_rows_from_the_worst_input_and_resets_adam():
     dead = torch.tensor([False, True, False, False, True, False])
     alive_norm = d.W_enc[:, ~dead].norm(dim=0).mean()
     before = {k: v.clone() for k, v in opt.state[d.W_dec].items()}
+    alive_sq = {p: opt.state[p]["exp_avg_sq"].clone() for p in (d.W_dec, d.W_enc, d.b_enc)}
 
     # Three inputs; with b_dec = 0 and b_enc < 0 the dictionary reconstructs x = 0 exactly,
     # so every draw ∝ loss^2 must pick the third input.
@@ -55,10 +56,16 @@ def test_resample_sets_rows_from_the_worst_input_and_resets_adam():
         assert torch.allclose(d.W_dec[i], direction, atol=1e-3)
         assert torch.allclose(d.W_enc[:, i], direction * 0.2 * alive_norm, atol=1e-3)
         assert d.b_enc[i] == 0
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.all(opt.state[d.W_dec][key][i] == 0)
-            assert torch.all(opt.state[d.W_enc][key][:, i] == 0)
-            assert opt.state[d.b_enc][key][i] == 0
+        # No stale momentum; the second moment at the alive features' mean, so the first
+        # updates have the usual size rather than bias-corrected sign steps.
+        assert torch.all(opt.state[d.W_dec]["exp_avg"][i] == 0)
+        assert torch.all(opt.state[d.W_enc]["exp_avg"][:, i] == 0)
+        assert opt.state[d.b_enc]["exp_avg"][i] == 0
+        sq_dec, sq_enc, sq_b = (alive_sq[p] for p in (d.W_dec, d.W_enc, d.b_enc))
+        assert torch.allclose(opt.state[d.W_dec]["exp_avg_sq"][i], sq_dec[~dead].mean(0))
+        assert torch.allclose(opt.state[d.W_enc]["exp_avg_sq"][:, i], sq_enc[:, ~dead].mean(1))
+        assert torch.allclose(opt.state[d.b_enc]["exp_avg_sq"][i], sq_b[~dead].mean())
+        assert opt.state[d.b_enc]["exp_avg_sq"][i] > 0
     for key in ("exp_avg", "exp_avg_sq"):  # alive rows keep their moments
         assert torch.equal(opt.state[d.W_dec][key][~dead], before[key][~dead])
 
