@@ -49,3 +49,14 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError("device mps requested but MPS is not available")
     return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: a CUDA GPU that supports bf16
+    (Ampere and later), or a CPU with AVX512-BF16 or AMX (oneDNN's check), where a bf16 matmul
+    runs 2-4x faster than float32. Elsewhere bf16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False

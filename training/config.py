@@ -249,8 +249,10 @@ class TrainConfig:
     """Seed of the dictionary initialisation and of resampling draws."""
     device: str = "auto"
     """cuda, cuda:1, mps, cpu, or auto (cuda > mps > cpu)."""
-    autocast: Literal["none", "bf16"] = "none"
-    """Run the forward pass under bf16 autocast (weights and optimizer stay float32)."""
+    autocast: Literal["none", "bf16", "auto"] = "none"
+    """Run the forward pass under bf16 autocast (weights and optimizer stay float32); auto:
+    bf16 where the device multiplies bf16 in hardware (recent GPUs, CPUs with AVX512-BF16 or
+    AMX), else none."""
     compile: bool = False
     """torch.compile the dictionary's forward pass."""
     sparse_grad: bool = True

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from sae.base import Dictionary, build
+from sae.devices import native_bf16
 from sae.sparse_grad import firing_counts
 from training.config import TrainConfig
 from training.density import DensityTracker, FiringTracker, density_row
@@ -70,6 +71,7 @@ class Member:
         self.coefficient = cfg.objective.l1_coefficient
         self.scale = 1.0
         self.n_resampled = 0
+        self.bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and native_bf16(device))
 
     # -- start ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -107,7 +109,7 @@ class Member:
         ctx = StepContext(coef, self.firing.tokens_since_fired)
         autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
-            if cfg.autocast == "bf16"
+            if self.bf16
             else contextlib.nullcontext()
         )
         with autocast:

@@ -20,6 +20,17 @@ def test_bf16_autocast_trains_with_float32_weights(tmp_path):
     assert result.dictionary.dtype == torch.float32
 
 
+def test_auto_autocast_is_bf16_exactly_where_the_device_has_bf16_matmuls(tmp_path, monkeypatch):
+    import training.member
+
+    for native in (True, False):
+        monkeypatch.setattr(training.member, "native_bf16", lambda device, n=native: n)
+        trainer = Trainer(with_(small_cfg(tmp_path / str(native), steps=5), autocast="auto"), 16)
+        assert trainer.members[0].bf16 is native
+    plain = Trainer(small_cfg(tmp_path / "plain", steps=5), 16)
+    assert plain.members[0].bf16 is False
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_compiled_bf16_run_matches_the_eager_float32_run(tmp_path):
