@@ -84,7 +84,7 @@ class ObjectiveConfig:
     """batchtopk: moving-average rate of the inference threshold estimate."""
     matryoshka_prefixes: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
     """matryoshka_batchtopk: nested prefix widths as fractions of d_sae (the whole dictionary
-    is always one of them); the loss averages the reconstruction error of each prefix."""
+    is always one of them); the loss sums the reconstruction error of each prefix."""
     jumprelu_bandwidth: float = 0.001
     """jumprelu: width of the straight-through rectangle kernel (Rajamanoharan et al.)."""
     jumprelu_init_threshold: float = 0.001

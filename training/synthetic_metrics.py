@@ -1,12 +1,15 @@
 """Ground-truth metrics of a dictionary on `RealisticActivations` (training/synthetic.py),
 measured on held-out batches whose true active features are known.
 
-- MCC: the mean cosine of decoder rows and true directions under the optimal one-to-one
-  matching (Hungarian, scipy's linear_sum_assignment), as in Sharkey et al. 2022 and SAELens's
-  SynthSAEBench (Chanin et al. 2025).
-- Per latent, as a detector of its best-matching true feature (highest decoder cosine):
-  precision = P(feature active | latent fires), recall = P(latent fires | feature active), F1;
-  averaged over all latents (a dead latent scores 0).
+MCC, F1, precision, recall and uniqueness follow SynthSAEBench's definitions (Chanin &
+Garriga-Alonso 2026, arXiv:2602.14687; SAELens's `sae_lens/synthetic/evals.py`), so numbers are
+comparable with its tables:
+- MCC: the mean |cosine| of decoder rows and true directions under the optimal one-to-one
+  matching (Hungarian, scipy's linear_sum_assignment; O'Neill et al. 2025).
+- Per latent, as a binary detector of its best-matching true feature (highest |cosine| of
+  decoder row and true direction, not co-activation): precision = P(feature active | latent
+  fires), recall = P(latent fires | feature active), F1; each averaged over all latents, a
+  latent that never fires scoring 0, and two latents matched to one feature each counted.
 - Uniqueness: distinct best-matching true features per latent.
 - Absorption (Chanin et al. 2024, "A is for Absorption"), measured directly: over samples where
   a parent and one of its children are both active, how often the parent's latent (the one
@@ -35,7 +38,7 @@ class GroundTruthMetrics:
     """A dictionary scored against the true features."""
 
     mcc: float
-    """Mean cosine of the optimal one-to-one matching of decoder rows to true features."""
+    """Mean |cosine| of the optimal one-to-one matching of decoder rows to true features."""
     f1: float
     """Mean per-latent F1 as a detector of its best-matching true feature."""
     precision: float
@@ -63,8 +66,9 @@ class GroundTruthMetrics:
 def matched_cosines(
     W_dec: Float[Tensor, "F D"], features: Float[Tensor, "N D"]
 ) -> tuple[Float[Tensor, "F N"], float]:
-    """Cosines of every decoder row with every true direction, and the Hungarian MCC."""
+    """|Cosines| of every decoder row with every true direction, and the Hungarian MCC."""
     cos = F.normalize(W_dec.float().cpu(), dim=-1) @ F.normalize(features.float(), dim=-1).T
+    cos = cos.abs()  # a direction and its negative are the same feature (SynthSAEBench)
     rows, cols = linear_sum_assignment(cos.numpy(), maximize=True)
     return cos, float(cos[torch.as_tensor(rows), torch.as_tensor(cols)].mean())
 

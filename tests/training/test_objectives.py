@@ -123,7 +123,7 @@ def test_matryoshka_prefix_reconstructions_equal_dense_decodes_of_each_prefix():
     assert float(res.parts["fvu_prefix_4"]) == pytest.approx(expected[0], rel=1e-5)
     assert float(res.parts["fvu_prefix_8"]) == pytest.approx(expected[1], rel=1e-5)
     assert float(res.parts["fvu"]) == pytest.approx(expected[2], rel=1e-5)
-    assert float(res.loss.detach()) == pytest.approx(sum(expected) / 3, rel=1e-5)
+    assert float(res.loss.detach()) == pytest.approx(sum(expected), rel=1e-5)  # summed
     assert torch.allclose(res.out.x_hat, d(x).x_hat, atol=1e-5)
 
 

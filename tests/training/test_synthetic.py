@@ -104,6 +104,8 @@ def test_metrics_on_oracle_codes_perfect_then_absorbed():
     perm = torch.randperm(256, generator=torch.Generator().manual_seed(0))
     _, mcc = matched_cosines(truth.features[perm][:100], truth.features)
     assert abs(mcc - 1.0) < 1e-5  # the matching finds a permuted subset exactly
+    _, flipped = matched_cosines(-truth.features[perm][:100], truth.features)
+    assert abs(flipped - 1.0) < 1e-5  # a direction's negative is the same feature
 
     def codes(absorb: bool) -> list[Tensor]:
         out = []

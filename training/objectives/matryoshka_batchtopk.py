@@ -1,15 +1,17 @@
 """Matryoshka BatchTopK + AuxK (Bussmann, Nabeshima, Karvonen & Nanda 2025, "Learning
 Multi-Level Features with Matryoshka Sparse Autoencoders").
 
-One BatchTopK encoding over the whole dictionary; the loss averages the reconstruction error
-of every nested prefix of the latents, so the first m latents must reconstruct x on their own:
+One BatchTopK encoding over the whole dictionary; the loss sums the reconstruction error of
+every nested prefix of the latents (the paper's eq. 4 and SAELens's implementation, which
+add the inner levels' errors to the whole dictionary's), so the first m latents must
+reconstruct x on their own, b_dec included in every prefix:
 
-    loss = mean_m FVU(x, f[:, :m] W_dec[:m] + b_dec) + alpha * AuxK,   m in prefix widths.
+    loss = sum_m FVU(x, f[:, :m] W_dec[:m] + b_dec) + alpha * AuxK,   m in prefix widths.
 
 Early latents therefore learn general (parent) features and cannot let a child's latent absorb
 them, which is what resists feature absorption. The prefixes share one encoding and one sparse
-decode: each kept activation is decoded once into the bucket of the first prefix containing it,
-and the prefix reconstructions are the cumulative sums of the buckets, O(B k D) in all; the
+decode: each kept activation is decoded once into the bag of its row and of the first prefix
+containing it, and the prefix reconstructions are the cumulative sums of the bags, O(B k D); the
 encoder's gradients flow through the kept codes only, as in sae/sparse_grad.py. The
 batch-wide top-kB ranks only the activations above a cutoff below the running threshold
 (`batch_topk`, exact, with a full ranking as the fallback).
@@ -49,16 +51,16 @@ def batch_topk(
     the largest are among them, so only those are ranked (a compare and a small top-k instead
     of a top-kB over all B*F values); otherwise, or with no cutoff yet, the whole batch is."""
     B, F_ = pre.shape
-    flat = torch.relu(pre).flatten()
-    n_keep = min(k * B, flat.numel())
-    if cutoff > 0:
+    n_keep = min(k * B, pre.numel())
+    if cutoff > 0:  # above a positive cutoff, ReLU is the identity
+        flat = pre.flatten()
         candidates = (flat > cutoff).nonzero().squeeze(-1)  # in row-major order
         if candidates.numel() >= n_keep:
             _, pos = flat[candidates].topk(n_keep, sorted=False)
             keep = torch.zeros(candidates.numel(), dtype=torch.bool, device=pre.device)
             idx = candidates[keep.index_fill_(0, pos, True)]
             return idx // F_, idx % F_
-    idx = flat.topk(n_keep, sorted=False).indices.sort().values
+    idx = torch.relu(pre).flatten().topk(n_keep, sorted=False).indices.sort().values
     return idx // F_, idx % F_
 
 
@@ -69,18 +71,20 @@ def prefix_reconstructions(
     widths: list[int],
 ) -> list[Float[Tensor, "B D"]]:
     """x_hat of every prefix from the kept codes (sorted by row, then latent): each code is
-    decoded once into the bucket of the first prefix containing its latent, then the buckets
-    are summed cumulatively."""
-    batch = codes.offsets.numel() - 1
+    decoded once into the bag (row, first prefix containing its latent), then the bags of a
+    row are summed cumulatively. Within a row the codes are sorted by latent, hence by
+    prefix, so the bags are already contiguous and the codes need no reordering; the bags
+    reuse the codes' per-latent order for the backward pass."""
+    batch, n_bags = codes.offsets.numel() - 1, len(widths)
     bounds = torch.tensor(widths[:-1], device=codes.cols.device)
-    bucket = torch.bucketize(codes.cols, bounds, right=True)
-    key = bucket * batch + codes.rows
-    order = torch.argsort(key, stable=True)  # by bucket, then row, then latent
-    buckets = codes_from_pairs(key[order], codes.cols[order], len(widths) * batch, d.d_sae)
-    decoded = decode_active(values[order], buckets, d.W_dec).view(len(widths), batch, d.d_in)
-    prefixes = [decoded[0] + d.b_dec]
-    for part in decoded[1:]:  # a running sum; cumsum over a short leading dim is slow
-        prefixes.append(prefixes[-1] + part)
+    bag = codes.rows * n_bags + torch.bucketize(codes.cols, bounds, right=True)
+    counts = torch.bincount(bag, minlength=batch * n_bags)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    bags = codes._replace(rows=bag, offsets=offsets)
+    decoded = decode_active(values, bags, d.W_dec).view(batch, n_bags, d.d_in)
+    prefixes = [decoded[:, 0] + d.b_dec]
+    for i in range(1, n_bags):  # a running sum; cumsum over the short middle dim is slower
+        prefixes.append(prefixes[-1] + decoded[:, i])
     return prefixes
 
 
@@ -115,11 +119,11 @@ class MatryoshkaBatchTopK(BatchTopK):
         x_hats = prefix_reconstructions(d, values, codes, widths)
         self._kept = values.detach()
         f = pre.new_zeros(pre.shape).index_put_((codes.rows, codes.cols), self._kept)
-        out = ForwardOutput(x_hat=x_hats[-1], feature_acts=f, pre_acts=pre)
+        out = ForwardOutput(x_hat=x_hats[-1], feature_acts=f, pre_acts=pre, active=codes)
         total = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
         per_prefix = torch.stack([(x_hat - x).pow(2).sum() for x_hat in x_hats]) / total
-        loss = per_prefix.mean()
-        parts = {"fvu": per_prefix[-1].detach(), "fvu_prefix_mean": loss.detach()}
+        loss = per_prefix.sum()
+        parts = {"fvu": per_prefix[-1].detach(), "fvu_prefix_sum": loss.detach()}
         for width, value in zip(widths[:-1], per_prefix[:-1], strict=True):
             parts[f"fvu_prefix_{width}"] = value.detach()
         if self.cfg.auxk_coefficient > 0:
