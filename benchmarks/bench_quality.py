@@ -8,6 +8,10 @@ machine, one run each, sequentially, so the ratios are comparable).
 
     .venv/bin/python benchmarks/bench_quality.py                    # cache made if missing
     .venv/bin/python benchmarks/bench_quality.py --tokens 2000000 --objectives relu_l1 topk_auxk
+    .venv/bin/python benchmarks/bench_quality.py --adam plain lazy   # each objective both ways
+
+`--adam lazy` trains with `optim.lazy` (a feature's weights move only on steps where it fired),
+printed as a second row per objective, so the two updates are compared on the same rows.
 """
 
 from __future__ import annotations
@@ -65,15 +69,16 @@ def ensure_cache(path: Path, tokens: int) -> Path:
     return path
 
 
-def train_one(name: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
+def train_one(name: str, lazy: bool, args: argparse.Namespace, out: Path) -> dict[str, float]:
     cfg = TrainConfig(
         total_tokens=args.tokens,
         batch_size=args.batch_size,
-        out_dir=out / name,
+        out_dir=out / f"{name}-{lazy}",
+        autocast=args.autocast,
         checkpoint_every_steps=0,
         dictionary=DictionaryShape(d_sae=args.d_sae),
         objective=ObjectiveConfig(name=name, **OBJECTIVE_ARGS.get(name, {})),
-        optim=OptimConfig(lr=args.lr),
+        optim=OptimConfig(lr=args.lr, lazy=lazy),
         logging=LoggingConfig(progress=False, plots=False, log_every_steps=100),
         eval=EvalConfig(tokens=args.eval_tokens),
     )
@@ -97,6 +102,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--objectives", nargs="+", default=[o for o in OBJECTIVES])
+    p.add_argument("--adam", nargs="+", choices=["plain", "lazy"], default=["plain"])
+    p.add_argument("--autocast", choices=["none", "bf16", "auto"], default="none")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -104,17 +111,19 @@ def main() -> None:
 
     print(
         f"bundled model {MODEL} {HOOK}: d_sae {args.d_sae}, {args.tokens:,} training tokens, "
-        f"batch {args.batch_size}, lr {args.lr}, {args.threads} thread(s)"
+        f"batch {args.batch_size}, lr {args.lr}, autocast {args.autocast}, "
+        f"{args.threads} thread(s)"
     )
     header = f"{'objective':<22}{'EV':>8}{'FVU':>8}{'L0':>8}{'never':>8}{'loss rec':>10}{'KL':>8}{'tok/s':>9}"
     print(header)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.objectives:
-            r = train_one(name, args, Path(tmp))
-            rows[name] = r
+        for name, adam in ((n, a) for n in args.objectives for a in args.adam):
+            r = train_one(name, adam == "lazy", args, Path(tmp))
+            label = f"{name} lazy" if adam == "lazy" else name
+            rows[label] = r
             print(
-                f"{name:<22}{100 * r['explained_variance']:>7.1f}%{r['fvu']:>8.3f}{r['l0']:>8.1f}"
+                f"{label:<22}{100 * r['explained_variance']:>7.1f}%{r['fvu']:>8.3f}{r['l0']:>8.1f}"
                 f"{100 * r['dead_fraction']:>7.2f}%{100 * r.get('loss_recovered', float('nan')):>9.1f}%"
                 f"{r.get('kl_div', float('nan')):>8.3f}{r['tokens_per_s']:>9.0f}",
                 flush=True,
