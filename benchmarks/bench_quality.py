@@ -114,7 +114,7 @@ def main() -> None:
         f"batch {args.batch_size}, lr {args.lr}, autocast {args.autocast}, "
         f"{args.threads} thread(s)"
     )
-    header = f"{'objective':<22}{'EV':>8}{'FVU':>8}{'L0':>8}{'never':>8}{'loss rec':>10}{'KL':>8}{'tok/s':>9}"
+    header = f"{'objective':<27}{'EV':>8}{'FVU':>8}{'L0':>8}{'never':>8}{'loss rec':>10}{'KL':>8}{'tok/s':>9}"
     print(header)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,7 +123,7 @@ def main() -> None:
             label = f"{name} lazy" if adam == "lazy" else name
             rows[label] = r
             print(
-                f"{label:<22}{100 * r['explained_variance']:>7.1f}%{r['fvu']:>8.3f}{r['l0']:>8.1f}"
+                f"{label:<27}{100 * r['explained_variance']:>7.1f}%{r['fvu']:>8.3f}{r['l0']:>8.1f}"
                 f"{100 * r['dead_fraction']:>7.2f}%{100 * r.get('loss_recovered', float('nan')):>9.1f}%"
                 f"{r.get('kl_div', float('nan')):>8.3f}{r['tokens_per_s']:>9.0f}",
                 flush=True,
