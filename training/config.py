@@ -129,6 +129,9 @@ class OptimConfig:
     """Learning rate at the end of decay, as a fraction of lr."""
     grad_clip_norm: float | None = 1.0
     """Clip the global gradient norm to this value (None: no clipping)."""
+    lazy: bool = False
+    """Move a feature's parameters and Adam moments only on steps where it fired (lazy Adam,
+    training/lazy_adam.py): rare features then take ordinary steps instead of amplified ones."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:

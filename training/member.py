@@ -24,6 +24,7 @@ from training.density import DensityTracker, FiringTracker, density_row
 from training.distributed import DistInfo, all_reduce_, average_gradients
 from training.evals import batch_metrics
 from training.initialization import geometric_median
+from training.lazy_adam import hold_silent_features
 from training.objectives import OBJECTIVES, StepContext
 from training.resampling import ResampleSample, RevivalWatch, crossed, resample_dead_features
 from training.schedules import L0Controller, lr_factor, sparsity_warmup_factor
@@ -121,7 +122,10 @@ class Member:
         grad_norm = None
         if cfg.optim.grad_clip_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip_norm)
+        restore = hold_silent_features(self.optimizer, self.dictionary) if cfg.optim.lazy else None
         self.optimizer.step()
+        if restore is not None:
+            restore()
         self.objective.after_optimizer_step(self.dictionary, res.out)
 
         f = res.out.feature_acts.detach()
