@@ -82,9 +82,10 @@ class ObjectiveConfig:
     """A latent that has not fired for this many tokens is dead for AuxK (Gao et al.: 10M)."""
     threshold_lr: float = 0.01
     """batchtopk: moving-average rate of the inference threshold estimate."""
-    matryoshka_prefixes: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
+    matryoshka_prefixes: tuple[float, ...] = (1 / 32, 1 / 8, 1 / 2, 1.0)
     """matryoshka_batchtopk: nested prefix widths as fractions of d_sae (the whole dictionary
-    is always one of them); the loss sums the reconstruction error of each prefix."""
+    is always one of them); the loss sums the reconstruction error of each prefix. The
+    default is SynthSAEBench's 128 / 512 / 2048 / 4096 (Chanin & Garriga-Alonso 2026)."""
     jumprelu_bandwidth: float = 0.001
     """jumprelu: width of the straight-through rectangle kernel (Rajamanoharan et al.)."""
     jumprelu_init_threshold: float = 0.001
