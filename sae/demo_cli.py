@@ -61,7 +61,7 @@ class DemoConfig:
     resample_count: int = 10
     """Resampling points of the relu dictionary, spread over the first resample_stop of it."""
     resample_stop: float = 0.9
-    """Fraction of training after which the relu dictionary is no longer resampled."""
+    """Fraction of training up to which the relu dictionary is resampled."""
     dead_tokens: int = 200_000
     """topk: a latent silent this many tokens is dead and trained by AuxK (a short run)."""
     batch_size: int = 1024
