@@ -1,5 +1,5 @@
 """Lazy Adam for a dictionary's per-feature parameters: a feature's encoder column, encoder
-bias and decoder row move, and their Adam moments advance, only on steps where it fired.
+bias and decoder row move, and their Adam moments advance, only on steps that trained it.
 
 A feature that did not fire in a batch has an exactly zero gradient, yet Adam still decays its
 moments and moves it along its stale momentum. Worse, a rarely firing feature's second moment
@@ -7,8 +7,8 @@ is the average of mostly-zero gradients, so each of its few gradients is amplifi
 updates that follow one firing add up to 10-30 learning rates, in one direction. Under an L1
 penalty, a rare feature whose one firing had a net downward gradient is pushed below every
 input and never fires again. Lazy updates (TensorFlow's LazyAdam, torch's SparseAdam, for
-embedding rows) give each feature Adam's usual step per firing instead. Shared parameters
-(b_dec, a threshold vector's untouched entries aside) update every step as usual.
+embedding rows) give each feature Adam's usual step per firing instead. The other parameters
+(b_dec, a jumprelu threshold) update every step as usual.
 """
 
 from __future__ import annotations
