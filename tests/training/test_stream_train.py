@@ -49,6 +49,14 @@ def test_two_hooks_of_the_bundled_model_from_one_pass_and_no_activation_files(tm
     assert sum(p.stat().st_size for p in written) < 8_000_000
 
 
+def _assert_same_dictionaries(full: Path, resumed: Path) -> None:
+    """Both hooks' saved dictionaries are identical, tensor for tensor."""
+    for hook in (MLP, RESID):
+        a, b = (Dictionary.load(r / hook / "dictionary") for r in (full, resumed))
+        for name, value in a.state_dict().items():
+            assert torch.equal(b.state_dict()[name], value), (hook, name)
+
+
 def _argv(tiny_lm_dir: Path, docs: Path, out: Path, *extra: str) -> list[str]:
     return [
         "train", "--model", str(tiny_lm_dir), "--hooks", MLP, RESID,
@@ -87,12 +95,8 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(tiny_lm_dir, tmp_path, m
     assert positions[0] == positions[1] == step * 64  # rows of the text handed to training
     assert main([*_argv(tiny_lm_dir, docs, part), "--resume"]) == 0
 
+    _assert_same_dictionaries(tmp_path / "full", part)
     for hook in (MLP, RESID):
-        full, resumed = (
-            Dictionary.load(r / hook / "dictionary") for r in (tmp_path / "full", part)
-        )
-        for name, value in full.state_dict().items():
-            assert torch.equal(resumed.state_dict()[name], value), (hook, name)
         losses = [[r["loss"] for r in read_metrics(r / hook) if "loss" in r] for r in (tmp_path / "full", part)]  # fmt: skip
         assert losses[0] == losses[1] and len(losses[0]) == 30
     assert json.loads((part / "stream.json").read_text())["hooks"] == [MLP, RESID]
@@ -195,9 +199,4 @@ def test_resume_when_one_hook_checkpointed_further_than_the_other(
     assert steps[0] > steps[1]
     monkeypatch.setattr(SharedStream, "pull", real_pull)
     assert main([*_argv(tiny_lm_dir, docs, part), "--resume"]) == 0
-    for hook in (MLP, RESID):
-        full, resumed = (
-            Dictionary.load(r / hook / "dictionary") for r in (tmp_path / "full", part)
-        )
-        for name, value in full.state_dict().items():
-            assert torch.equal(resumed.state_dict()[name], value), (hook, name)
+    _assert_same_dictionaries(tmp_path / "full", part)
