@@ -171,8 +171,15 @@ class ResampleConfig:
     every batch in the stretch of training just before it (Bricken et al. scored 819,200)."""
     encoder_scale: float = 0.2
     """New encoder rows get this times the mean encoder norm of alive features."""
+    fire_fraction: float | None = None
+    """Set each new feature's encoder bias so that it fires on this fraction of the scored
+    sample (e.g. 0.005), instead of bias 0 (the paper's rule, under which a new feature fires
+    on about half of the inputs whose direction it shares, and dies again under the L1 when that
+    is too many)."""
 
     def __post_init__(self) -> None:
+        if self.fire_fraction is not None and not 0 < self.fire_fraction < 1:
+            raise ValueError("resample.fire_fraction must be in (0, 1)")
         if self.count < 1:
             raise ValueError("resample.count must be >= 1")
         if self.every_tokens is not None and self.every_tokens < 1:

@@ -203,6 +203,7 @@ class Member:
             inputs,
             self.generator,
             encoder_scale=cfg.resample.encoder_scale,
+            fire_fraction=cfg.resample.fire_fraction,
             input_scale=self.scale,
             sparsity_coefficient=self.coefficient if self.objective.sparsity_penalty == "l1" else 0,
         )

@@ -8,7 +8,9 @@ At each scheduled point (TrainConfig.resample_points), a feature that has not fi
   2. draw an input with probability proportional to the square of that loss;
   3. decoder row  <- that input, normalised to unit norm;
   4. encoder row  <- the same direction, scaled to 0.2 x the mean encoder norm of alive features;
-  5. encoder bias <- 0;
+  5. encoder bias <- 0, or, with `fire_fraction`, the value at which the new feature fires on
+     that fraction of the scored sample (a feature whose bias lets it fire on too many inputs
+     pays a large L1 cost at once and is driven silent again);
   6. Adam's first moment of the touched rows/columns <- 0, so stale momentum from the dead
      feature does not push the fresh one around; the second moment <- that of the alive
      features (see `_reset_adam_`: torch's Adam is bias-corrected by the global step).
@@ -41,6 +43,9 @@ if TYPE_CHECKING:
     from training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
+
+BIAS_SAMPLE = 16_384
+"""Rows of the scored sample used to place the new features' biases (`fire_fraction`)."""
 
 
 @torch.no_grad()
@@ -102,6 +107,7 @@ def resample_dead_features(
     encoder_scale: float = 0.2,
     input_scale: float = 1.0,
     sparsity_coefficient: float = 0.0,
+    fire_fraction: float | None = None,
 ) -> Int[Tensor, " R"]:
     """Re-initialise every dead feature from poorly reconstructed inputs; returns their ids.
 
@@ -131,11 +137,31 @@ def resample_dead_features(
     d.W_dec[dead_ids] = directions
     d.W_enc[:, dead_ids] = (directions * alive_norm * encoder_scale).T
     d.b_enc[dead_ids] = 0.0
+    if fire_fraction is not None:
+        d.b_enc[dead_ids] = _bias_for_fraction(d, dead_ids, inputs, input_scale, fire_fraction)
     keep = alive if alive.any() else torch.ones_like(alive)
     _reset_adam_(optimizer, d.W_dec, dead_ids, keep, dim=0)
     _reset_adam_(optimizer, d.W_enc, dead_ids, keep, dim=1)
     _reset_adam_(optimizer, d.b_enc, dead_ids, keep, dim=0)
     return dead_ids
+
+
+def _bias_for_fraction(
+    d: Dictionary,
+    ids: Int[Tensor, " R"],
+    inputs: Float[Tensor, "N D"],
+    input_scale: float,
+    fraction: float,
+) -> Float[Tensor, " R"]:
+    """Per feature in `ids`, minus the (1 - fraction) quantile of its pre-activation (bias 0)
+    over up to BIAS_SAMPLE of `inputs`: with that bias it fires on `fraction` of them."""
+    x = inputs[:BIAS_SAMPLE].to(d.device, torch.float32) * input_scale
+    if d.cfg.apply_b_dec_to_input:
+        x = x - d.b_dec.float()
+    pre = x @ d.W_enc[:, ids].float()  # [N, R]
+    n = pre.shape[0]
+    k = min(n, max(1, math.ceil(n * (1 - fraction))))
+    return -pre.kthvalue(k, dim=0).values.to(d.dtype)
 
 
 def crossed(points: Sequence[int], tokens_before: int, tokens_after: int) -> bool:

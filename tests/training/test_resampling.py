@@ -202,3 +202,29 @@ def test_resampling_keeps_bundled_model_features_alive_on_held_out_text(
     print(f"held-out never-fired fraction: {dead[True]:.2%} with, {dead[False]:.2%} without")
     assert dead[True] < 0.01
     assert dead[False] > 0.05
+
+
+@pytest.mark.parametrize("fraction", [0.02, 0.1])
+def test_fire_fraction_sets_the_bias_at_which_new_features_fire_that_often(fraction):
+    torch.manual_seed(0)
+    d = build(DictionaryConfig("relu", d_in=16, d_sae=32))
+    with torch.no_grad():
+        for p in d.parameters():
+            p.normal_()
+    opt = torch.optim.Adam(d.parameters())
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[::4] = True
+    pool = torch.randn(4096, 16) + 2.0  # a large mean, as in MLP activations
+    ids = resample_dead_features(
+        d, opt, dead, pool, torch.Generator().manual_seed(0), fire_fraction=fraction
+    )
+    assert ids.tolist() == list(range(0, 32, 4))
+    assert (d.b_enc[ids] < 0).all()  # bias 0 would fire on about half the inputs
+    with torch.no_grad():
+        rate = (d(pool).feature_acts[:, ids] > 0).float().mean(0)
+    assert torch.allclose(rate, torch.full_like(rate, fraction), atol=1.5 / 4096)
+    # Without it, the paper's bias 0.
+    d2 = build(DictionaryConfig("relu", d_in=16, d_sae=32))
+    resample_dead_features(d2, torch.optim.Adam(d2.parameters()), dead, pool,
+                           torch.Generator().manual_seed(0))  # fmt: skip
+    assert (d2.b_enc[ids] == 0).all()

@@ -73,8 +73,9 @@ def penalized_sse(
 
 @torch.no_grad()
 def normalize_decoder_rows_(d: Dictionary) -> None:
-    """Scale every decoder row to unit norm, in place."""
-    d.W_dec.copy_(F.normalize(d.W_dec, dim=-1))
+    """Scale every decoder row to unit norm, in place (no [F, D] temporary)."""
+    norms = torch.linalg.vector_norm(d.W_dec, dim=-1, keepdim=True)
+    d.W_dec.div_(norms.clamp_min_(1e-12))
 
 
 @torch.no_grad()
@@ -83,9 +84,11 @@ def remove_parallel_grad_(d: Dictionary) -> None:
     order; Towards Monosemanticity, Gao et al. 2024)."""
     if d.W_dec.grad is None:
         return
-    rows = F.normalize(d.W_dec, dim=-1)
-    parallel = (d.W_dec.grad * rows).sum(-1, keepdim=True)
-    d.W_dec.grad.sub_(parallel * rows)
+    W, grad = d.W_dec, d.W_dec.grad
+    # g -= (g . w) w / |w|^2 row by row, with no [F, D] temporaries.
+    sq_norms = torch.linalg.vecdot(W, W).clamp_min_(1e-24)
+    parallel = torch.linalg.vecdot(grad, W).div_(sq_norms)
+    grad.addcmul_(W, parallel.unsqueeze(-1), value=-1.0)
 
 
 class Objective:

@@ -30,8 +30,9 @@ def auxk_loss(
         return x.new_zeros(())
     k_aux = min(auxk_k, n_dead)
     residual = (x - out.x_hat).detach()
-    masked = torch.where(dead, out.pre_acts, torch.full_like(out.pre_acts, -torch.inf))
-    acts, idx = masked.topk(k_aux, dim=-1, sorted=False)
+    dead_ids = dead.nonzero().squeeze(-1)  # rank the dead columns only, not all B x F
+    acts, j = out.pre_acts.index_select(1, dead_ids).topk(k_aux, dim=-1, sorted=False)
+    idx = dead_ids[j]
     if out.pre_acts.requires_grad:  # the dense forward
         e_hat = d.decode_sparse(torch.relu(acts), idx) - d.b_dec
     else:  # the sparse forward: gradients through the chosen dead latents only
