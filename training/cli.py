@@ -120,6 +120,10 @@ def _train(args: argparse.Namespace, cfg: Any, members: list[Any]) -> int:
     from training.trainer import Trainer
 
     main = int(os.environ.get("RANK", "0")) == 0
+    if cfg.kl_finetune.tokens:
+        from training.kl_finetune import cache_phase, check_cache
+
+        check_cache(cfg.kl_finetune, args.cache, args.hook, cfg.eval.loss_recovered)
     source = cache_source(cfg, args.cache, args.hook, main=main)
     reader = source.reader
     for _, c in members:
@@ -129,12 +133,16 @@ def _train(args: argparse.Namespace, cfg: Any, members: list[Any]) -> int:
         configs = [c for _, c in members]
         check_resume_config(cfg.out_dir, run_config([n for n, _ in members], configs))
 
+    kl_phase = None
+    if cfg.kl_finetune.tokens and main:
+        kl_phase = cache_phase(cfg.kl_finetune, args.cache, source.evaluator)
     trainer = Trainer(
         [c for _, c in members],
         reader.d_in,
         names=[n for n, _ in members],
         evaluator=source.evaluator,
         resume=args.resume,
+        kl_phase=kl_phase,
     )
     result = trainer.fit(reader)
     if not trainer.dist.is_main:
@@ -145,5 +153,7 @@ def _train(args: argparse.Namespace, cfg: Any, members: list[Any]) -> int:
     for name, path in result.paths.items():
         figures = result.dictionaries[name].cfg.provenance.get("eval", {})
         print(f"{name}: {path}\n  {summary_line(figures)}")
-    print(f"trained {result.tokens} tokens in {result.steps} steps; run folder {result.out_dir}")
+    kl = f" (the last {cfg.kl_finetune.tokens} with the KL term)" if kl_phase else ""
+    print(f"trained {result.tokens} tokens{kl} in {result.steps} steps; "
+          f"run folder {result.out_dir}")  # fmt: skip
     return 0

@@ -247,6 +247,28 @@ class EvalConfig:
 
 
 @dataclass
+class KLFinetuneConfig:
+    """End-to-end fine-tuning after training (Braun et al. 2024): the KL divergence of the
+    language model's next-token distribution with the reconstruction spliced in, from the
+    clean one, added to the objective's loss (training/kl_finetune.py)."""
+
+    tokens: int = 0
+    """Tokens of whole training contexts to fine-tune on after the main training (0: off)."""
+    coefficient: float = 1.0
+    """Weight of the KL term, as a multiple of the objective's loss on the first batch."""
+    lr_fraction: float = 0.1
+    """Constant learning rate of the phase, as a fraction of optim.lr."""
+    contexts_per_step: int = 8
+    """Whole contexts per optimizer step."""
+
+    def __post_init__(self) -> None:
+        if self.tokens < 0 or self.contexts_per_step < 1:
+            raise ValueError("kl_finetune.tokens must be >= 0 and contexts_per_step >= 1")
+        if self.coefficient <= 0 or self.lr_fraction <= 0:
+            raise ValueError("kl_finetune.coefficient and lr_fraction must be > 0")
+
+
+@dataclass
 class TrainConfig:
     """One training run (or, in a sweep, one member; run-level fields must then agree)."""
 
@@ -284,6 +306,8 @@ class TrainConfig:
     """Metrics, W&B, plots, progress bar."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation."""
+    kl_finetune: KLFinetuneConfig = field(default_factory=KLFinetuneConfig)
+    """End-to-end KL fine-tuning after training (needs the model: --cache with its model)."""
 
     def __post_init__(self) -> None:
         if self.total_tokens < 1 or self.batch_size < 1:
@@ -348,5 +372,6 @@ RUN_LEVEL_FIELDS = (
     "checkpoint_every_steps",
     "logging",
     "eval",
+    "kl_finetune",
 )
 """Fields every member of a sweep must share: they describe the one pass over the data."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,6 +31,10 @@ from training.resampling import ResampleSample, RevivalWatch, crossed, resample_
 from training.schedules import L0Controller, lr_factor, sparsity_warmup_factor
 
 logger = logging.getLogger(__name__)
+
+ExtraLoss = Callable[["Member", Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
+"""(member, x_hat in the activations' own units, the objective's loss) -> (a term added to the
+loss, parts to log)."""
 
 
 class Member:
@@ -72,6 +77,8 @@ class Member:
         self.coefficient = cfg.objective.l1_coefficient
         self.scale = 1.0
         self.n_resampled = 0
+        self.kl_tokens = 0
+        """Tokens trained with the KL term (training/kl_finetune.py)."""
         self.bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and native_bf16(device))
 
     # -- start ---------------------------------------------------------------------------------
@@ -97,13 +104,22 @@ class Member:
         return self.coefficient * warm
 
     def train_step(
-        self, x: Tensor, step: int, global_tokens: int, want_metrics: bool, tokens_before: int = 0
+        self,
+        x: Tensor,
+        step: int,
+        global_tokens: int,
+        want_metrics: bool,
+        tokens_before: int = 0,
+        extra_loss: ExtraLoss | None = None,
+        lr: float | None = None,
     ) -> dict[str, Tensor | float]:
-        """Forward, backward, all-reduce, constrain, clip, Adam step, counters."""
+        """Forward, backward, all-reduce, constrain, clip, Adam step, counters. `extra_loss`
+        adds a term to the objective's loss (the KL phase); `lr` overrides the schedule."""
         cfg = self.cfg
         if self.scale != 1.0:
             x = x * self.scale
-        lr = cfg.optim.lr * lr_factor(step, cfg.total_steps, cfg.optim)
+        if lr is None:
+            lr = cfg.optim.lr * lr_factor(step, cfg.total_steps, cfg.optim)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         coef = self.sparsity_coefficient(step)
@@ -115,8 +131,14 @@ class Member:
         )
         with autocast:
             res = self.objective.loss(self.forward_module, x, ctx)
+        loss = res.loss
+        if extra_loss is not None:
+            extra, parts = extra_loss(self, res.out.x_hat.float() / self.scale, res.loss)
+            loss = loss + extra
+            res.parts.update(parts)
+            self.kl_tokens += global_tokens
         self.optimizer.zero_grad(set_to_none=True)
-        res.loss.backward()
+        loss.backward()
         average_gradients(self.params, self.dist)
         self.objective.before_optimizer_step(self.dictionary)
         grad_norm = None
@@ -136,7 +158,7 @@ class Member:
         self._steer(step, fired, global_tokens)
         if not want_metrics:
             return {}
-        metrics: dict[str, Tensor | float] = {"loss": res.loss.detach(), "lr": lr, "coef": coef}
+        metrics: dict[str, Tensor | float] = {"loss": loss.detach(), "lr": lr, "coef": coef}
         metrics.update({f"loss/{k}": v for k, v in res.parts.items()})
         metrics.update(batch_metrics(x, res.out.x_hat.detach(), f))
         if grad_norm is not None:
@@ -248,6 +270,7 @@ class Member:
             "l1_coefficient": self.coefficient,
             "seed": self.cfg.seed,
             "resampled_features": self.n_resampled,
+            **({"kl_finetune_tokens": self.kl_tokens} if self.kl_tokens else {}),
         }
         return d
 

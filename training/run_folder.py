@@ -57,6 +57,30 @@ def run_config(names: Sequence[str], cfgs: Sequence[Any]) -> dict[str, Any]:
     return {"members": {n: to_dict(c) for n, c in zip(names, cfgs, strict=True)}}
 
 
+def write_run_config(
+    out_dir: Path, members: Sequence[Any], config: dict[str, Any], run: dict[str, Any]
+) -> None:
+    """config.json: the run's configuration and what was derived from the data (`run`, plus
+    each member's resolved schedules)."""
+    from sae.atomic import atomic_write_json
+
+    resolved = {
+        **run,
+        "members": {
+            m.name: {
+                "d_sae": m.dictionary.d_sae,
+                "architecture": m.dictionary.cfg.architecture,
+                "resample": m.cfg.resample_enabled(),
+                "resample_points": m.cfg.resample_points(),
+                "resample_window_tokens": m.cfg.resample_window_tokens(),
+                "density_window_tokens": m.cfg.density_window_tokens(),
+            }
+            for m in members
+        },
+    }
+    atomic_write_json(out_dir / "config.json", {**config, "resolved": resolved})
+
+
 def _is_main() -> bool:
     """The process that writes the run folder: rank 0 of a torchrun job, or the only one."""
     return int(os.environ.get("RANK", 0)) == 0

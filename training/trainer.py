@@ -17,13 +17,12 @@ import logging
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from activations.source import BatchSource, ResumableSource
-from sae.atomic import atomic_write_json
 from sae.base import Dictionary
 from sae.errors import UserError
 from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -34,9 +33,12 @@ from training.lockstep import drain
 from training.member import Member
 from training.metrics import MetricsLogger, to_float, truncate_metrics
 from training.resampling import ResampleSample
-from training.run_folder import run_config
+from training.run_folder import run_config, write_run_config
 from training.signals import StopOnSignal
 from training.sweep import check_sweep
+
+if TYPE_CHECKING:
+    from training.kl_finetune import KLPhase
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ class Trainer:
         resume: bool = False,
         stop: StopOnSignal | None = None,
         progress: bool = True,
+        kl_phase: KLPhase | None = None,
     ) -> None:
         cfgs = [cfg] if isinstance(cfg, TrainConfig) else list(cfg)
         if not cfgs:
@@ -119,6 +122,10 @@ class Trainer:
         self._show_progress = progress
         self._last: dict[str, dict[str, float]] = {}
         self._log = MetricsLogger(self.out_dir, enabled=False)
+        self.kl_phase = kl_phase
+        """Run after the main loop (training/kl_finetune.py): single process only."""
+        if kl_phase is not None and self.dist.enabled:
+            raise UserError("KL fine-tuning runs in a single process, not under torchrun")
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, batches: BatchSource) -> TrainResult:
@@ -135,7 +142,7 @@ class Trainer:
                     if x is None:
                         break
                     self._train_step(x, bar)
-                    if self._stop_requested():
+                    if self.stop_requested():
                         logger.warning(
                             "signal %s: saving a checkpoint and stopping", self._stop.signum
                         )
@@ -144,7 +151,11 @@ class Trainer:
                     if (every := self.cfg.checkpoint_every_steps) and self.step % every == 0:
                         self._checkpoint(batches)
                     yield self.step
-            self._checkpoint(batches)
+                self._checkpoint(batches)  # with a KL phase, a resume starts it over from here
+                if self.kl_phase is not None:
+                    bar.total = self.tokens + self.cfg.kl_finetune.tokens
+                    if not self.kl_phase.run(self, bar):
+                        return self._result(interrupted=True, dictionaries={}, paths={})
             return self._finish()
         finally:
             self._log.close()
@@ -229,13 +240,13 @@ class Trainer:
             m.maybe_resample(before, self.tokens, self._sample)
         self._sample.release(before, self.tokens)
         if log_now:
-            self._log_rows(rows, bar)
+            self.log_rows(rows, bar)
         every = self.cfg.logging.eval_every_steps
         if self.evaluator is not None and every and self.step % every == 0 and self.dist.is_main:
             for m in self.members:
                 self._log_eval(m.name, self.evaluator(m.dictionary, m.scale))
 
-    def _log_rows(self, rows: dict[str, dict[str, Any]], bar: Any) -> None:
+    def log_rows(self, rows: dict[str, dict[str, Any]], bar: Any) -> None:
         multi = len(self.members) > 1
         for m in self.members:
             row = {k: to_float(v) for k, v in rows[m.name].items()}
@@ -345,29 +356,12 @@ class Trainer:
         return run_config([m.name for m in self.members], [m.cfg for m in self.members])
 
     def _write_config(self) -> None:
-        """The resolved configuration, including what was derived from the data."""
-        resolved = {
-            "d_in": self.d_in,
-            "input_scale": self.input_scale,
-            "world_size": self.dist.world_size,
-            "device": str(self.device),
-            "members": {
-                m.name: {
-                    "d_sae": m.dictionary.d_sae,
-                    "architecture": m.dictionary.cfg.architecture,
-                    "resample": m.cfg.resample_enabled(),
-                    "resample_points": m.cfg.resample_points(),
-                    "resample_window_tokens": m.cfg.resample_window_tokens(),
-                    "density_window_tokens": m.cfg.density_window_tokens(),
-                }
-                for m in self.members
-            },
-        }
-        atomic_write_json(
-            self.out_dir / "config.json", {**self._config_dict(), "resolved": resolved}
-        )
+        write_run_config(self.out_dir, self.members, self._config_dict(), {
+            "d_in": self.d_in, "input_scale": self.input_scale,
+            "world_size": self.dist.world_size, "device": str(self.device),
+        })  # fmt: skip
 
-    def _stop_requested(self) -> bool:
+    def stop_requested(self) -> bool:
         local = self._stop.signum is not None
         if not self.dist.enabled:
             return local
