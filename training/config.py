@@ -256,7 +256,7 @@ class KLFinetuneConfig:
     """Tokens of whole training contexts to fine-tune on after the main training (0: off)."""
     coefficient: float = 1.0
     """Weight of the KL term, as a multiple of the objective's loss on the first batch."""
-    lr_fraction: float = 0.1
+    lr_fraction: float = 0.02
     """Constant learning rate of the phase, as a fraction of optim.lr."""
     contexts_per_step: int = 8
     """Whole contexts per optimizer step."""

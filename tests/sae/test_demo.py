@@ -1,7 +1,7 @@
 """`sae demo`: the main job end to end, reduced, on the bundled model and corpus.
 
 `sae demo` runs as a user runs it (a separate process): cache -> train (relu + resampling and
-topk in one sweep) -> analyze both -> compare -> report -> serve; then one HTTP request reads a
+topk side by side) -> analyze both -> compare -> report -> serve; then one HTTP request reads a
 feature page from the live server. Marked slow; CI runs it.
 """
 
@@ -26,7 +26,8 @@ def test_demo_pipeline_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     cmd = [
         sys.executable, "-m", "sae.cli", "demo", "--out", str(out),
-        "--tokens", "24000", "--train-tokens", "24000", "--d-sae", "1024",
+        "--tokens", "24000", "--relu-tokens", "24000", "--topk-tokens", "30000",
+        "--kl-finetune-tokens", "4000", "--d-sae", "1024",
         "--batch-size", "1024", "--analysis-tokens", "4000", "--eval-tokens", "2400",
         "--port", str(port),
     ]  # fmt: skip
