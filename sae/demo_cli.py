@@ -41,8 +41,9 @@ class DemoConfig:
     """Language model: the bundled one-layer, 512-neuron-MLP model by default."""
     hook: str = "blocks.0.mlp.hook_post"
     """Hook to cache and train on (the 512 MLP neurons, as in Towards Monosemanticity)."""
-    tokens: int = 3_000_000
-    """Tokens of activations to cache (the last eval_tokens of them are held out)."""
+    tokens: int = 4_500_000
+    """Tokens of activations to cache (the last eval_tokens of them are held out): more than
+    either dictionary trains on, so neither sees a token twice (bf16: 1 KiB a token)."""
     context_size: int = 128
     """Tokens per context (BOS included) when caching and analysing."""
     relu_tokens: int = 2_800_000
