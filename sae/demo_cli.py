@@ -50,7 +50,7 @@ class DemoConfig:
     """Tokens the relu dictionary trains on. The two dictionaries train at once, a process
     and half the cores each: on 2 CPU cores with bf16 matmuls, both finish in about 7 minutes
     (README)."""
-    topk_tokens: int = 4_500_000
+    topk_tokens: int = 4_000_000
     """Tokens the topk dictionary trains on (a TopK step is cheaper than a relu one)."""
     kl_finetune_tokens: int = 200_000
     """Then each trains this many tokens with the model's KL added to its loss (end-to-end
