@@ -61,9 +61,9 @@ class DemoConfig:
     """Active features per token of the topk dictionary."""
     l1_coefficient: float = 5.0
     """Starting L1 coefficient of the relu dictionary (then steered toward target_l0)."""
-    target_l0: float = 22.5
+    target_l0: float = 21.0
     """Mean active features per token (on training batches) the relu dictionary's L1
-    coefficient is steered to; after the KL phase its held-out L0 comes out near 23."""
+    coefficient is steered to; after the KL phase its held-out L0 comes out near 24."""
     target_l0_rate: float = 0.003
     """Step size of that steering (a slow controller kills fewer features than a fast one)."""
     resample_count: int = 10

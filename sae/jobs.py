@@ -66,7 +66,8 @@ def run_parallel(jobs: list[TrainJob], poll_s: float = 1.0) -> None:
         with progress_bar(total=total, unit="tok", unit_scale=True, desc="train") as bar:
             while any(p.poll() is None for p, _ in procs.values()):
                 time.sleep(poll_s)
-                bar.update(sum(tokens_done(j.run_dir) for j in jobs) - bar.n)
+                done = sum(min(tokens_done(j.run_dir), j.tokens) for j in jobs)
+                bar.update(done - bar.n)  # a run's last step may overshoot its budget
     finally:
         for p, _ in procs.values():
             p.wait()  # after Ctrl-C: each child checkpoints and exits
