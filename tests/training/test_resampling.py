@@ -26,13 +26,18 @@ from training.resampling import ResampleSample, crossed, resample_dead_features
 from training.trainer import Trainer
 
 
-def test_resample_sets_rows_from_the_worst_input_and_resets_adam():
+def _random_relu(d_in: int, d_sae: int) -> tuple:
+    """A relu dictionary with standard-normal weights (seed 0) and an Adam over it."""
     torch.manual_seed(0)
-    d = build(DictionaryConfig("relu", d_in=4, d_sae=6))
+    d = build(DictionaryConfig("relu", d_in=d_in, d_sae=d_sae))
     with torch.no_grad():
         for p in d.parameters():
             p.normal_()
-    opt = torch.optim.Adam(d.parameters())
+    return d, torch.optim.Adam(d.parameters())
+
+
+def test_resample_sets_rows_from_the_worst_input_and_resets_adam():
+    d, opt = _random_relu(4, 6)
     d(torch.randn(8, 4)).x_hat.pow(2).sum().backward()
     opt.step()
     dead = torch.tensor([False, True, False, False, True, False])
@@ -206,12 +211,7 @@ def test_resampling_keeps_bundled_model_features_alive_on_held_out_text(
 
 @pytest.mark.parametrize("fraction", [0.02, 0.1])
 def test_fire_fraction_sets_the_bias_at_which_new_features_fire_that_often(fraction):
-    torch.manual_seed(0)
-    d = build(DictionaryConfig("relu", d_in=16, d_sae=32))
-    with torch.no_grad():
-        for p in d.parameters():
-            p.normal_()
-    opt = torch.optim.Adam(d.parameters())
+    d, opt = _random_relu(16, 32)
     dead = torch.zeros(32, dtype=torch.bool)
     dead[::4] = True
     pool = torch.randn(4096, 16) + 2.0  # a large mean, as in MLP activations
