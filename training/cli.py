@@ -98,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     if stream_cfg.model or stream_cfg.hooks:
         from training.stream_cli import train_from_model
 
+        if cfg.kl_finetune.tokens:
+            raise UserError("--kl-finetune.tokens needs --cache: the phase reads the cache's "
+                            "training contexts (train on a cache to fine-tune)")  # fmt: skip
         return train_from_model(args, cfg, stream_cfg, members)
     if not args.cache:
         raise UserError(

@@ -26,7 +26,7 @@ def test_a_failing_child_is_named_with_its_last_log_line(tmp_path):
             ["train", "--cache", str(missing), "--out-dir", str(tmp_path / name)],
             tmp_path / name,
             1000,
-        )  # fmt: skip
+        )
         for name in ("a", "b")
     ]
     with pytest.raises(UserError) as err:

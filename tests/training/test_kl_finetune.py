@@ -84,6 +84,10 @@ def test_kl_phase_errors_are_one_line(cache, tmp_path, capsys):
     assert main([*argv[:-1], "1000", "--eval.loss-recovered", "false"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs the language model" in err[0]
+    streamed = ["train", "--model", "stdlib-1l-512", "--hooks", HOOK, "--kl-finetune.tokens", "1"]
+    assert main([*streamed, "--out-dir", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs --cache" in err[0]
 
 
 def test_a_stop_in_the_phase_resumes_and_equals_an_uninterrupted_run(cache, tmp_path, monkeypatch):
