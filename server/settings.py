@@ -34,8 +34,9 @@ class ServerSettings:
 
     dictionaries: list[str] = field(default_factory=list)
     """Dictionary directories to serve, each `PATH` or `NAME=PATH` (the name is the first part
-    of a feature address `NAME/FEATURE_ID`; default: the directory's name, or MEMBER for a
-    sweep member's folder `name=MEMBER`). An existing path is always read as a path."""
+    of a feature address `NAME/FEATURE_ID`; default: the directory's name, MEMBER for a
+    sweep member's folder `name=MEMBER`, RUN for a run's `RUN/dictionary`). An existing path
+    is always read as a path."""
     host: str = "127.0.0.1"
     """Interface to listen on. Loopback by default: expose deliberately."""
     port: int = 8000
@@ -117,6 +118,8 @@ class ServerSettings:
 
 SWEEP_MEMBER_PREFIX = "name="
 """`sae train --sweep` saves each member in a folder `name=MEMBER`."""
+RUN_DICTIONARY = "dictionary"
+"""`sae train` without a sweep saves its dictionary in RUN/dictionary."""
 
 
 def _is_path(spec: str) -> bool:
@@ -126,10 +129,13 @@ def _is_path(spec: str) -> bool:
 
 def spec_name(spec: str) -> str:
     """The served name of a `PATH` or `NAME=PATH` dictionary spec: NAME, else the folder's
-    name, or MEMBER for a sweep member's folder `name=MEMBER`."""
+    name, MEMBER for a sweep member's folder `name=MEMBER`, or RUN for a run's `RUN/dictionary`."""
     if not _is_path(spec):
         return spec.split("=", 1)[0]
-    base = os.path.basename(os.path.normpath(spec))
+    path = os.path.normpath(spec)
+    base = os.path.basename(path)
+    if base == RUN_DICTIONARY and os.path.basename(os.path.dirname(path)):
+        return os.path.basename(os.path.dirname(path))
     return base.removeprefix(SWEEP_MEMBER_PREFIX) if base != SWEEP_MEMBER_PREFIX else base
 
 

@@ -110,6 +110,10 @@ def test_dictionary_specs(tmp_path: Path) -> None:
     assert spec_path("feats=/no/such/dir") == "/no/such/dir"
     assert spec_name(f"mine={member}") == "mine" and spec_path(f"mine={member}") == str(member)
     assert settings_from_env({}, dictionaries=[str(member)]).dictionaries == [str(member)]
+    # A run's own folder `RUN/dictionary` (sae train without a sweep) is served as RUN.
+    run_dict = tmp_path / "train" / "topk_auxk" / "dictionary"
+    run_dict.mkdir(parents=True)
+    assert spec_name(str(run_dict)) == "topk_auxk" and spec_name("dictionary") == "dictionary"
 
 
 @pytest.mark.slow
