@@ -156,7 +156,8 @@ def _train(args: argparse.Namespace, cfg: Any, members: list[Any]) -> int:
     for name, path in result.paths.items():
         figures = result.dictionaries[name].cfg.provenance.get("eval", {})
         print(f"{name}: {path}\n  {summary_line(figures)}")
-    kl = f" (the last {cfg.kl_finetune.tokens} with the KL term)" if kl_phase else ""
+    first = next(iter(result.dictionaries.values())).cfg.provenance
+    kl = f" (the last {first['kl_finetune_tokens']} with the KL term)" if kl_phase else ""
     print(f"trained {result.tokens} tokens{kl} in {result.steps} steps; "
           f"run folder {result.out_dir}")  # fmt: skip
     return 0
