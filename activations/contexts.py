@@ -115,11 +115,13 @@ def _contexts(
     return tokens, valid, uniq, (local, p)
 
 
-class CacheTail(NamedTuple):
-    """The last whole contexts of a cached hook, held out from training."""
+class HeldOutRows(NamedTuple):
+    """Whole contexts of a cached hook, held out from training: their activations and tokens."""
 
     start: int
-    """First held-out row in stored order: training reads rows [0, start)."""
+    """First row of them in stored order."""
+    stop: int
+    """One past their last row."""
     acts: Float[Tensor, "N D"]
     """Their activations, float32."""
     tokens: Int[Tensor, "C T"]
@@ -130,7 +132,7 @@ class CacheTail(NamedTuple):
 
 def cache_tail(
     path: str | Path, hook_name: str | None, min_rows: int, fill_token: int
-) -> CacheTail:
+) -> HeldOutRows:
     """Hold out the cache's last whole contexts, at least `min_rows` rows, in stored order.
 
     The cut falls on a context boundary, so no context is split between training and
@@ -144,28 +146,74 @@ def cache_tail(
             f"activation cache {cache.folder} holds {n} rows: too few to hold out {min_rows} "
             "for evaluation and train on the rest; cache more tokens or lower --eval.tokens"
         )
+    start = _context_start(cache, n - min_rows)
+    if start == 0:
+        raise UserError(f"activation cache {cache.folder}: one context spans the held-out rows")
+    return _rows(cache, start, n, fill_token)
+
+
+def cache_head(
+    path: str | Path, hook_name: str | None, min_rows: int | None, fill_token: int
+) -> HeldOutRows:
+    """The first whole contexts of a cache written for evaluation only (e.g. of a validation
+    split), at least `min_rows` rows, or every whole context if `min_rows` is None. A context
+    the cache's end cut short is left out."""
+    cache = CacheShards(path, hook_name)
+    n = cache.n_rows
+    seq = torch.cat([cache.meta_columns(i)["sequence"] for i in range(len(cache))])
+    ends = (torch.nonzero(seq[1:] != seq[:-1]).squeeze(-1) + 1).tolist() + [n]
+    lengths = torch.tensor(ends) - torch.tensor([0, *ends[:-1]])
+    if lengths[-1] < lengths.max():  # the cache's end cut the last context short
+        ends = ends[:-1]
+    whole = ends if min_rows is None else [e for e in ends if e >= min_rows][:1]
+    if not whole:
+        have = ends[-1] if ends else 0
+        asked = "" if min_rows is None else f", fewer than the {min_rows} asked (--eval.tokens)"
+        raise UserError(
+            f"evaluation cache {cache.folder} holds {have} rows of whole contexts{asked}; "
+            "cache more tokens of the held-out text"
+        )
+    stop = whole[-1]
+    return _rows(cache, 0, stop, fill_token)
+
+
+def _offsets(cache: CacheShards) -> list[int]:
     offsets = [0]
     for t in cache.activations:
         offsets.append(offsets[-1] + len(t))
-    want = n - min_rows
-    first = max(i for i in range(len(cache)) if offsets[i] <= want)
-    # One shard earlier too: the context holding row `want` may have started there.
-    lo_shard = max(first - 1, 0)
-    meta = [cache.meta_columns(i) for i in range(lo_shard, len(cache))]
-    seq = torch.cat([m["sequence"] for m in meta])
-    base = offsets[lo_shard]
-    i = want - base
+    return offsets
+
+
+def _sequence(cache: CacheShards, row: int) -> tuple[Tensor, int]:
+    """The context ids of the shard holding `row` and the one before it, and their first row."""
+    offsets = _offsets(cache)
+    shard = max(i for i in range(len(cache)) if offsets[i] <= min(row, cache.n_rows - 1))
+    lo = max(shard - 1, 0)  # the context holding `row` may have started a shard earlier
+    seq = torch.cat([cache.meta_columns(i)["sequence"] for i in range(lo, shard + 1)])
+    return seq, offsets[lo]
+
+
+def _context_start(cache: CacheShards, row: int) -> int:
+    """First row of the context holding `row` (`n_rows` counts as inside the last one)."""
+    seq, base = _sequence(cache, row)
+    i = min(row, cache.n_rows - 1) - base
     while i > 0 and seq[i - 1] == seq[i]:
         i -= 1
-    start = base + i
-    if start == 0:
-        raise UserError(f"activation cache {cache.folder}: one context spans the held-out rows")
+    return base + i
+
+
+def _rows(cache: CacheShards, start: int, stop: int, fill_token: int) -> HeldOutRows:
+    """Rows [start, stop) of whole contexts: activations, and the contexts' tokens."""
+    offsets = _offsets(cache)
+    shards = [k for k in range(len(cache)) if offsets[k + 1] > start and offsets[k] < stop]
     acts = torch.cat(
-        [t[max(start - offsets[k], 0) :].float() for k, t in enumerate(cache.activations)
-         if offsets[k + 1] > start]
+        [cache.activations[k][max(start - offsets[k], 0) : stop - offsets[k]].float()
+         for k in shards]
     )  # fmt: skip
-    tok = torch.cat([m["token_ids"] for m in meta])[i:]
-    pos = torch.cat([m["position"] for m in meta])[i:]
+    meta = [cache.meta_columns(k) for k in shards]
+    lo, hi = start - offsets[shards[0]], stop - offsets[shards[0]]
+    tok, seq, pos = (torch.cat([m[c] for m in meta])[lo:hi]
+                     for c in ("token_ids", "sequence", "position"))  # fmt: skip
     T = int(cache.manifest["context_size"])
-    tokens, valid, _, _ = _contexts(tok, seq[i:], pos, T, fill_token)
-    return CacheTail(start, acts, tokens, valid)
+    tokens, valid, _, _ = _contexts(tok, seq, pos, T, fill_token)
+    return HeldOutRows(start, stop, acts, tokens, valid)

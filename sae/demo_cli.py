@@ -42,8 +42,8 @@ class DemoConfig:
     hook: str = "blocks.0.mlp.hook_post"
     """Hook to cache and train on (the 512 MLP neurons, as in Towards Monosemanticity)."""
     tokens: int = 4_500_000
-    """Tokens of activations to cache (the last eval_tokens of them are held out): more than
-    either dictionary trains on, so neither sees a token twice (bf16: 1 KiB a token)."""
+    """Tokens of activations of the training split to cache: more than either dictionary
+    trains on, so neither sees a token twice (bf16: 1 KiB a token)."""
     context_size: int = 128
     """Tokens per context (BOS included) when caching and analysing."""
     relu_tokens: int = 2_400_000
@@ -85,7 +85,8 @@ class DemoConfig:
     lazy_adam: bool = True
     """Move a feature's weights only on steps where it fired (fewer features die)."""
     eval_tokens: int = 100_000
-    """Held-out tokens of the cache the dictionaries are evaluated on (not trained on)."""
+    """Held-out tokens the dictionaries are evaluated on: whole contexts of the corpus's
+    validation split (files not in the training split), cached by a second `sae cache`."""
     analysis_tokens: int = 200_000
     """Validation tokens run through model and dictionary by `sae analyze`."""
     compare_tokens: int = 30_000
@@ -146,7 +147,7 @@ def _step(name: str, done: bool) -> bool:
 def run_pipeline(cfg: DemoConfig) -> dict[str, Any]:
     """Cache, train, analyze and compare; returns the report as data (also saved as JSON)."""
     out = cfg.out
-    cache, run_dir = out / "cache", out / "train"
+    cache, run_dir, held_out = out / "cache", out / "train", out / "validation"
     dicts = {m: run_dir / m / "dictionary" for m in MEMBERS}  # one run folder each
     timings: dict[str, float] = {}
 
@@ -154,6 +155,11 @@ def run_pipeline(cfg: DemoConfig) -> dict[str, Any]:
     if _step("cache", _cache_complete(cache)):
         _sae("cache", "--out", str(cache), "--model", cfg.model, "--hooks", cfg.hook,
              "--max-tokens", str(cfg.tokens), "--text.context-size", str(cfg.context_size))  # fmt: skip
+    if _step("cache validation", _cache_complete(held_out)):
+        # One context more than evaluated on: the cache's last context may be cut short.
+        _sae("cache", "--out", str(held_out), "--model", cfg.model, "--hooks", cfg.hook,
+             "--text.split", "validation", "--max-tokens", str(cfg.eval_tokens + cfg.context_size),
+             "--text.context-size", str(cfg.context_size))  # fmt: skip
     timings["cache"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -201,6 +207,7 @@ def _train_job(cfg: DemoConfig, member: str, run: Path) -> TrainJob:
             "--total-tokens", str(tokens), "--batch-size", str(cfg.batch_size),
             "--optim.lr", str(cfg.lr), "--autocast", cfg.autocast,
             "--optim.lazy", str(cfg.lazy_adam).lower(), "--eval.tokens", str(cfg.eval_tokens),
+            "--eval.cache", str(cfg.out / "validation"),
             "--kl-finetune.tokens", str(cfg.kl_finetune_tokens)]  # fmt: skip
     if member == "relu_l1":
         argv += ["--objective.l1-coefficient", str(cfg.l1_coefficient),
@@ -240,10 +247,12 @@ def build_report(
     report: dict[str, Any] = {"timings_s": timings, "dictionaries": {}}
     for member, path in dicts.items():
         # The held-out figures saved with the dictionary: the same ones `sae info` prints.
-        figures = heldout_figures(read_json(path / "cfg.json").get("provenance", {}))
+        provenance = read_json(path / "cfg.json").get("provenance", {})
+        figures = heldout_figures(provenance)
         with FeatureStore.open(path / "analysis", readonly=True) as store:
             cards = [format_feature(store, fid) for fid in pick_features(store, cfg.show)]
-        report["dictionaries"][member] = {"path": str(path), "eval": figures, "features": cards}
+        report["dictionaries"][member] = {"path": str(path), "eval": figures, "features": cards,
+                                          "eval_source": provenance.get("eval_source")}  # fmt: skip
     if compare_json.is_file():
         report["comparison"] = json.loads(compare_json.read_text()).get("summary", {})
     return report
@@ -257,11 +266,10 @@ def format_report(report: dict[str, Any]) -> str:
     from sae.evaluation import FIGURES, format_figure
 
     lines = ["", "=" * 72, "demo report", "=" * 72]
-    evals: list[dict[str, Any]] = [d["eval"] for d in report["dictionaries"].values()]
-    first = evals[0] if evals else {}
-    lines.append(
-        f"held-out evaluation on {int(first.get('eval_tokens', 0)):,} tokens not trained on"
-    )
+    dictionaries = list(report["dictionaries"].values())
+    first = dictionaries[0] if dictionaries else {"eval": {}}
+    on = f" ({first['eval_source']})" if first.get("eval_source") else ""
+    lines.append(f"held-out evaluation on {int(first['eval'].get('eval_tokens', 0)):,} tokens{on}")
     lines.append(f"{'dictionary':<12}" + "".join(f"{f.label:>{_width(f)}}" for f in FIGURES))
     for name, d in report["dictionaries"].items():
         values = [format_figure(f, d["eval"].get(f.key)) for f in FIGURES]

@@ -87,6 +87,8 @@ def run_info(args: argparse.Namespace) -> int:
             value = "-"
         print(f"  {key:<22} {value}")
     print(f"  {'evaluation':<22} {summary_line(heldout_figures(d.cfg.provenance))}")
+    if d.cfg.provenance.get("eval_source"):
+        print(f"  {'evaluated on':<22} {d.cfg.provenance['eval_source']}")
     return 0
 
 

@@ -84,6 +84,7 @@ class ServedDictionary:
             analysis=analysis,
             evaluation=figures or None,
             evaluation_summary=summary_line(figures) if figures else None,
+            evaluation_source=cfg.provenance.get("eval_source") if figures else None,
         )
 
 

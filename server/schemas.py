@@ -74,6 +74,9 @@ class DictionaryInfo(BaseModel):
     evaluation_summary: str | None = Field(
         default=None, description="The same figures as one line, as `sae info` prints them."
     )
+    evaluation_source: str | None = Field(
+        default=None, description="Where the held-out tokens came from, as `sae train` saved it."
+    )
 
 
 class DictionaryListResponse(BaseModel):

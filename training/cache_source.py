@@ -1,10 +1,16 @@
 """Training on an activation cache: the training rows and the held-out evaluation.
 
-The cache's last whole contexts (`EvalConfig.tokens` rows, at least) are held out
-(`activations.contexts.cache_tail`); the shuffled reader trains on the rows before them only,
-and `HeldOutEval` measures the final dictionary on the tail, with the cache's own model and
-contexts for loss recovered. Every process reads the whole global batch and trains on its
-share (training/distributed.py); only the main process evaluates.
+Held-out rows come from one of two places:
+- a separate evaluation cache (`EvalConfig.cache`, e.g. `sae cache --text.split validation`):
+  its first whole contexts (`activations.contexts.cache_head`); the whole training cache is
+  trained on. Its documents are not in the training text, which is checked as far as the two
+  caches' configs tell;
+- otherwise the training cache's last whole contexts (`activations.contexts.cache_tail`), at
+  least `EvalConfig.tokens` rows; the shuffled reader trains on the rows before them only.
+
+`HeldOutEval` measures the final dictionary on them, with the cache's own model and contexts
+for loss recovered. Every process reads the whole global batch and trains on its share
+(training/distributed.py); only the main process evaluates.
 """
 
 from __future__ import annotations
@@ -13,10 +19,12 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from activations.cache_format import CONFIG_FILE, read_cache_config
-from activations.contexts import cache_tail
+from activations.contexts import HeldOutRows, cache_head, cache_tail
 from activations.reader import CachedActivations, CacheShards
+from sae.errors import UserError
 from training.config import TrainConfig
 from training.heldout import HeldOutContexts, HeldOutEval
 
@@ -35,16 +43,19 @@ class CacheSource:
     """The model the cache was written from (from its cache_config.json), if known."""
     train_rows: int
     held_out_rows: int
+    held_out_source: str
+    """Where the held-out rows come from, in words (saved in provenance as `eval_source`)."""
 
 
 def cache_source(
     cfg: TrainConfig, path: str | Path, hook_name: str | None, *, main: bool = True
 ) -> CacheSource:
-    """Split the cache into training rows and a held-out tail; build reader and evaluator."""
+    """Split off the held-out rows (or open the evaluation cache); build reader and evaluator."""
     shards = CacheShards(path, hook_name)
     cache_cfg = read_cache_config(path)
     model_name = cache_cfg.get("model") if cache_cfg else None
-    n_eval = cfg.eval.resolved_tokens(shards.n_rows)
+    if cfg.eval.cache is not None:
+        check_eval_cache(cfg.eval.cache, shards, cache_cfg)
     want_loss = cfg.eval.loss_recovered and model_name is not None
     if cfg.eval.loss_recovered and model_name is None:
         logger.warning("no %s beside the cache: loss recovered is not measured", CONFIG_FILE)
@@ -56,8 +67,17 @@ def cache_source(
 
         model = load_model(str(model_name))
         fill = special_ids(model.tokenizer)[0]  # each context starts with it (the BOS row)
-    tail = cache_tail(path, shards.hook_name, n_eval, fill)
-    train_rows = tail.start
+    if cfg.eval.cache is not None:
+        held = cache_head(cfg.eval.cache, shards.hook_name, cfg.eval.tokens, fill)
+        train_rows = shards.n_rows
+        source = f"the first {held.stop:,} rows of the evaluation cache {cfg.eval.cache}"
+        text = (read_cache_config(cfg.eval.cache) or {}).get("text") or {}
+        if text.get("split"):
+            source += f" (split {text['split']} of {text.get('dataset')})"
+    else:
+        held = cache_tail(path, shards.hook_name, cfg.eval.resolved_tokens(shards.n_rows), fill)
+        train_rows = held.start
+        source = f"the last {held.stop - held.start:,} rows of the training cache, not trained on"
     epochs = max(1, math.ceil(cfg.total_tokens / train_rows))
     reader = CachedActivations(
         path,
@@ -68,23 +88,50 @@ def cache_source(
         rows=(0, train_rows),
         drop_last=True,
     )
-    evaluator = None
-    if main:
-        evaluator = HeldOutEval(
-            tail.acts,
-            model=model,
-            hook_name=shards.hook_name if model is not None else None,
-            contexts=HeldOutContexts(tail.tokens, tail.valid) if model is not None else None,
-            dense_threshold=cfg.logging.dense_threshold,
-        )
-    logger.info(
-        "training on %d cached rows, evaluating on the last %d (%d contexts)",
-        train_rows,
-        tail.acts.shape[0],
-        tail.tokens.shape[0],
-    )
+    evaluator = _evaluator(cfg, held, model, shards.hook_name, source) if main else None
+    logger.info("training on %d cached rows, evaluating on %s (%d contexts)",
+                train_rows, source, held.tokens.shape[0])  # fmt: skip
     if epochs > 1:
         logger.info(
             "%d tokens asked of %d training rows: %d epochs", cfg.total_tokens, train_rows, epochs
         )
-    return CacheSource(reader, evaluator, model_name, train_rows, int(tail.acts.shape[0]))
+    return CacheSource(reader, evaluator, model_name, train_rows, int(held.acts.shape[0]), source)
+
+
+def _evaluator(
+    cfg: TrainConfig, held: HeldOutRows, model: Any, hook: str, source: str
+) -> HeldOutEval:
+    return HeldOutEval(
+        held.acts,
+        model=model,
+        hook_name=hook if model is not None else None,
+        contexts=HeldOutContexts(held.tokens, held.valid) if model is not None else None,
+        dense_threshold=cfg.logging.dense_threshold,
+        source=source,
+    )
+
+
+def check_eval_cache(
+    path: str | Path, train: CacheShards, train_cfg: dict[str, Any] | None
+) -> None:
+    """A UserError unless `path` caches the training cache's hook of the same model, from
+    other text than the training cache's."""
+    if Path(path).resolve() in (Path(train.folder).resolve(), Path(train.folder).parent.resolve()):
+        raise UserError(f"--eval.cache {path} is the training cache itself; give a cache of "
+                        "held-out text, e.g. sae cache --text.split validation")  # fmt: skip
+    held = CacheShards(path, train.hook_name)
+    if held.d_in != train.d_in:
+        raise UserError(f"--eval.cache {path} has d_in {held.d_in}, the training cache "
+                        f"{train.d_in}: not the same hook")  # fmt: skip
+    held_cfg = read_cache_config(path) or {}
+    train_cfg = train_cfg or {}
+    if held_cfg.get("model") != train_cfg.get("model"):
+        raise UserError(f"--eval.cache {path} was written from model {held_cfg.get('model')}, "
+                        f"the training cache from {train_cfg.get('model')}")  # fmt: skip
+    keys = ("dataset", "dataset_config", "split", "seed", "sample_by", "context_size")
+    same = [(held_cfg.get("text") or {}).get(k) == (train_cfg.get("text") or {}).get(k)
+            for k in keys]  # fmt: skip
+    if held_cfg.get("text") and all(same):
+        raise UserError(f"--eval.cache {path} caches the same text as the training cache (same "
+                        "dataset, split and seed): its contexts are trained on; cache another "
+                        "split, e.g. --text.split validation")  # fmt: skip

@@ -229,8 +229,14 @@ class EvalConfig:
     """Held-out evaluation: the final figures are measured on tokens the trainer never saw."""
 
     tokens: int | None = None
-    """Held-out tokens. From a cache: its last whole contexts, not trained on (default
-    min(100,000, a tenth of the cache)). "Never fired" is counted over all of them."""
+    """Held-out tokens. From the training cache: its last whole contexts, not trained on
+    (default min(100,000, a tenth of the cache)); from `cache`: its first whole contexts
+    (default all of them). "Never fired" is counted over all of them."""
+    cache: str | None = None
+    """A separate activation cache of held-out text to evaluate on, written by `sae cache` from
+    the same model and hook, e.g. with `--text.split validation`: its documents are not in the
+    training text, and the whole training cache is trained on. Default: hold out the training
+    cache's last contexts."""
     loss_recovered: bool = True
     """Also splice the dictionary into the language model on the held-out contexts and
     report loss recovered and KL (needs the model the activations came from)."""
@@ -240,7 +246,7 @@ class EvalConfig:
             raise ValueError("eval.tokens must be >= 1")
 
     def resolved_tokens(self, available: int) -> int:
-        """Held-out tokens to take from `available` (the whole cache or text)."""
+        """Held-out tokens to take from `available` (the whole training cache or text)."""
         if self.tokens is not None:
             return self.tokens
         return max(1, min(100_000, available // 10))

@@ -10,10 +10,12 @@ as `eval/*` and writes them into the saved dictionary's provenance (`provenance[
 "Never fired" is counted over all `eval_tokens` held-out tokens: at 100,000 tokens a feature
 of density 1e-4 fires about 10 times, so a feature reported dead has density well below that.
 
-Where the held-out tokens come from:
-- a cache (`cache_holdout`): the last whole contexts of the cache, in stored order, at least
-  `EvalConfig.tokens` rows; `sae train --cache` trains only on the rows before them;
-- a model stream: contexts the training stream skips (activations/stream.py side).
+Where the held-out tokens come from (saved in words as `provenance["eval_source"]`):
+- with `sae train --cache`: a separate evaluation cache of held-out text (`--eval.cache`), or
+  the training cache's last whole contexts, which are then not trained on
+  (training/cache_source.py);
+- a model stream: the first contexts of another split, or contexts the training stream skips
+  (training/stream_source.py).
 
 Loss recovered splices the reconstruction into the model at the hook on the held-out contexts
 (positions the cache left out, BOS, keep the model's own activation) and compares next-token
@@ -66,6 +68,7 @@ class HeldOutEval:
         dense_threshold: float = 0.1,
         batch_size: int = 8192,
         context_batch: int = 16,
+        source: str | None = None,
     ) -> None:
         if activations.ndim != 2 or activations.shape[0] == 0:
             raise ValueError(f"held-out activations must be [N>0, d_in], got {activations.shape}")
@@ -78,6 +81,8 @@ class HeldOutEval:
         self.dense_threshold = dense_threshold
         self.batch_size = batch_size
         self.context_batch = context_batch
+        self.source = source
+        """Where the held-out tokens come from, in words (provenance `eval_source`)."""
         self._zero_loss: tuple[float, int] | None = None
 
     @property

@@ -70,6 +70,9 @@ def train_from_model(
         raise UserError("training from a model needs --model NAME and --hooks H1 [H2 ...]")
     if args.cache:
         raise UserError("give --cache (train on a cache) or --model/--hooks (stream), not both")
+    if cfg.eval.cache is not None:
+        raise UserError("--eval.cache is for training on a cache; from a model, evaluate on "
+                        "another split with --heldout-split")  # fmt: skip
     check_source(scfg.text)  # an unreachable dataset: one line before the model loads
     if scfg.heldout_split is not None:
         check_source(dataclasses.replace(scfg.text, split=scfg.heldout_split))

@@ -194,11 +194,9 @@ def heldout_evaluators(
     valid = torch.ones(tokens.shape, dtype=torch.bool)
     valid[:, : stream.p0] = False
     contexts = HeldOutContexts(tokens, valid)
-    logger.info(
-        "held out %d contexts (%d tokens a hook) of %s split %s%s",
-        tokens.shape[0], int(valid.sum()), text.dataset, text.split,
-        ", skipped by the training stream" if cfg.heldout_split is None else "",
-    )  # fmt: skip
+    source = (f"the first {tokens.shape[0]:,} contexts of {text.dataset} split {text.split}"
+              + (", skipped by the training stream" if cfg.heldout_split is None else ""))  # fmt: skip
+    logger.info("held out %s (%d tokens a hook)", source, int(valid.sum()))
     return {
         h: HeldOutEval(
             torch.cat(acts[h]),
@@ -206,6 +204,7 @@ def heldout_evaluators(
             hook_name=h if loss_recovered else None,
             contexts=contexts if loss_recovered else None,
             dense_threshold=dense_threshold,
+            source=source,
         )
         for h in stream.hook_names
     }

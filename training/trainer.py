@@ -276,7 +276,9 @@ class Trainer:
                 if self.evaluator is not None:
                     # The saved dictionary carries its held-out figures (sae.evaluation).
                     figures = self.evaluator(d, 1.0)
-                    d.cfg.provenance = {**d.cfg.provenance, "eval": figures}
+                    source = getattr(self.evaluator, "source", None)
+                    d.cfg.provenance = {**d.cfg.provenance, "eval": figures,
+                                        **({"eval_source": source} if source else {})}  # fmt: skip
                     self._log_eval(m.name, figures)
                 paths[m.name] = self.out_dir / m.name
                 d.save(paths[m.name])

@@ -104,7 +104,8 @@ async function showList(dict, offset, order) {
   view.querySelector("h1").after(el("label", {}, "order by ", select));
   // The held-out figures saved with the dictionary: the line `sae info` prints.
   if (info && info.evaluation_summary) {
-    view.querySelector("h1").after(el("p", { class: "evaluation", text: info.evaluation_summary }));
+    const on = info.evaluation_source ? ` (on ${info.evaluation_source})` : "";
+    view.querySelector("h1").after(el("p", { class: "evaluation", text: info.evaluation_summary + on }));
   }
 }
 

@@ -202,3 +202,23 @@ def test_a_held_out_tail_of_whole_contexts_that_the_training_reader_never_reads(
     assert seen == Counter(keys(rows[: tail.start]))
     with pytest.raises(UserError, match="too few to hold out"):
         cache_tail(cache_dir, HOOK, min_rows=N_ROWS // 2, fill_token=0)
+
+
+def test_the_head_of_an_evaluation_cache_is_whole_contexts(cache_dir):
+    from activations.contexts import cache_head
+
+    shards = CacheShards(cache_dir, HOOK)
+    seq = torch.cat([shards.meta_columns(i)["sequence"] for i in range(len(shards))])
+    rows = torch.cat(shard_rows(cache_dir))
+    head = cache_head(cache_dir, HOOK, min_rows=450, fill_token=-1)  # ends inside shard 2
+    assert head.start == 0 and 450 <= head.stop < 450 + 31
+    assert seq[head.stop - 1] != seq[head.stop]  # no context is split
+    assert torch.equal(head.acts, rows[: head.stop])
+    assert head.tokens.shape == (len(seq[: head.stop].unique()), 32)
+    assert int(head.valid.sum()) == head.stop
+    # Everything: every context but the last, which the cache's end cut short (2000 = 64 x 31
+    # + 16 rows).
+    every = cache_head(cache_dir, HOOK, min_rows=None, fill_token=-1)
+    assert every.stop == 64 * 31 and N_ROWS % 31 == 16
+    with pytest.raises(UserError, match="fewer than the 1990 asked"):
+        cache_head(cache_dir, HOOK, min_rows=1990, fill_token=0)

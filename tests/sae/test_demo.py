@@ -62,13 +62,14 @@ def test_demo_pipeline_end_to_end(tmp_path: Path) -> None:
         d = report["dictionaries"][member]
         assert d["eval"]["l0"] > 0 and d["eval"]["eval_tokens"] >= 2400
         assert {"explained_variance", "dead_fraction", "loss_recovered"} <= set(d["eval"])
+        assert "split validation" in d["eval_source"]  # files the training split does not hold
         assert d["features"], member  # plain-text feature cards made it into the report
     assert report["dictionaries"]["topk_auxk"]["eval"]["l0"] == pytest.approx(32, abs=1e-6)
     # Every step left its artefact: a second run resumes with nothing to do.
     assert (out / "cache" / "blocks.0.mlp.hook_post" / "manifest.json").is_file()
     for member in ("relu_l1", "topk_auxk"):
         reported = report["dictionaries"][member]["eval"]
-        again = recompute(out / "cache" / HOOK, Path(report["dictionaries"][member]["path"]),
+        again = recompute(out / "validation" / HOOK, Path(report["dictionaries"][member]["path"]),
                           int(reported["eval_tokens"]))  # fmt: skip
         assert again["dead_fraction"] == pytest.approx(reported["dead_fraction"], abs=1e-9)
         assert again["l0"] == pytest.approx(reported["l0"], rel=1e-4)
@@ -79,8 +80,8 @@ HOOK = "blocks.0.mlp.hook_post"
 
 
 def recompute(hook_dir: Path, dictionary: Path, n_rows: int) -> dict[str, float]:
-    """The report's held-out figures from the saved files alone: the cache's last `n_rows`
-    rows (read with safetensors, not our reader), the dictionary through `Dictionary.load`,
+    """The report's held-out figures from the saved files alone: the validation cache's first
+    `n_rows` rows (read with safetensors, not our reader), the dictionary through `Dictionary.load`,
     the model through `load_model` and TransformerLens's own hooks (not ours)."""
     import torch
     from safetensors.torch import load_file
@@ -90,7 +91,7 @@ def recompute(hook_dir: Path, dictionary: Path, n_rows: int) -> dict[str, float]
 
     manifest = json.loads((hook_dir / "manifest.json").read_text())
     shards = [load_file(hook_dir / s["file"]) for s in manifest["shards"]]
-    cols = {k: torch.cat([s[k] for s in shards])[-n_rows:]
+    cols = {k: torch.cat([s[k] for s in shards])[:n_rows]
             for k in ("activations", "token_ids", "sequence", "position")}  # fmt: skip
     d = Dictionary.load(dictionary)
     model = load_model("stdlib-1l-512")

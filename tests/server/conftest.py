@@ -66,6 +66,7 @@ HELD_OUT = {
     "loss_recovered": 0.9375,
     "kl_div": 0.0625,
 }
+HELD_OUT_SOURCE = "the first 5,000 rows of the evaluation cache val (split validation of bundled)"
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +87,7 @@ def dict_dirs(served_lm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     for name, seed in (("mlp0", 0), ("bare", 1)):
         d = random_relu(served_lm_dir, seed)
         if name == "mlp0":  # held-out figures as `sae train` saves them
-            d.cfg.provenance = {"eval": HELD_OUT}
+            d.cfg.provenance = {"eval": HELD_OUT, "eval_source": HELD_OUT_SOURCE}
         d.save(root / name)
         out[name] = root / name
     model = load_model(str(served_lm_dir))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sae.evaluation import summary_line
-from tests.server.conftest import API_KEY, HELD_OUT, HOOK
+from tests.server.conftest import API_KEY, HELD_OUT, HELD_OUT_SOURCE, HOOK
 from tests.server.helpers import assert_error
 
 TEXT = "import os\nprint(os.getcwd())\n"
@@ -33,6 +33,7 @@ def test_dictionaries(client: httpx.Client) -> None:
     assert ds["mlp0"]["evaluation"] == HELD_OUT and ds["bare"]["evaluation"] is None
     assert ds["mlp0"]["evaluation_summary"] == summary_line(HELD_OUT)
     assert "never fired 0.8%" in ds["mlp0"]["evaluation_summary"]
+    assert ds["mlp0"]["evaluation_source"] == HELD_OUT_SOURCE
     one = client.get("/api/dictionaries/bare").json()
     assert one == ds["bare"] and one["d_sae"] == 128 and one["hook_name"] == HOOK
     assert_error(client.get("/api/dictionaries/nope"), 404, "not_found")

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from sae.evaluation import summary_line
-from tests.server.conftest import API_KEY, HELD_OUT
+from tests.server.conftest import API_KEY, HELD_OUT, HELD_OUT_SOURCE
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
@@ -66,7 +66,8 @@ def test_browse_and_feature_page(page: Any, state: Any, tmp_path: Path) -> None:
     page.wait_for_selector("body[data-ready='1']")
     assert page.locator("#dict-select option").count() == 2
     assert page.locator("table.feature-list tbody tr").count() == 20  # the server's max_page
-    assert page.locator("p.evaluation").inner_text() == summary_line(HELD_OUT)
+    shown = page.locator("p.evaluation").inner_text()
+    assert shown == f"{summary_line(HELD_OUT)} (on {HELD_OUT_SOURCE})"
     store = state.dictionaries["mlp0"].store
     top = store.features(0, 1, order_by="max_act", descending=True)[0]
     page.select_option("#order-by", "max_activation")

@@ -4,6 +4,7 @@ overrides, the run folder, the LM loss-recovered eval, --resume, one-line errors
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -102,6 +103,46 @@ def test_sae_train_errors_are_one_line(cache, tmp_path, capsys):
     assert "cannot be swept" in capsys.readouterr().err
     assert main(["train", "--cache", str(cache), "--out-dir", str(tmp_path / "r"), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def _cache_of(tiny_lm_dir, out, docs, max_tokens=1024):
+    from activations.cache import CacheConfig, cache_activations
+    from activations.text import TextConfig
+
+    text = TextConfig(dataset=str(docs), context_size=32, batch_size=8, shuffle_buffer=0)
+    cfg = CacheConfig(out=out, model=str(tiny_lm_dir), hooks=(HOOK,), text=text,
+                      dtype="float32", max_tokens=max_tokens, device="cpu")  # fmt: skip
+    return cache_activations(cfg).path
+
+
+def test_an_evaluation_cache_of_other_text_is_evaluated_on_and_the_whole_cache_trained_on(
+    cache, tiny_lm_dir, tmp_path, capsys, caplog
+):
+    held = _cache_of(tiny_lm_dir, tmp_path / "val", make_docs(tmp_path / "docs", 6, seed=7), 400)
+    out = tmp_path / "run"
+    argv = ["train", "--cache", str(cache), "--out-dir", str(out), "--eval.cache", str(held),
+            "--total-tokens", "512", "--batch-size", "128", "--objective.name", "topk_auxk",
+            "--objective.k", "4", "--dictionary.d-sae", "128", "--logging.plots", "false",
+            "--logging.progress", "false"]  # fmt: skip
+    with caplog.at_level("INFO", logger="training.cache_source"):
+        assert main(argv) == 0, capsys.readouterr().err
+    assert "training on 1024 cached rows" in caplog.text  # nothing of it held out
+    capsys.readouterr()
+    saved = Dictionary.load(out / "dictionary").cfg.provenance
+    # Every whole context of the 400-row evaluation cache (31 rows each; the 13th is cut short).
+    assert saved["eval"]["eval_tokens"] == 12 * 31
+    assert saved["eval_source"].startswith(f"the first 372 rows of the evaluation cache {held}")
+    assert main(["info", str(out / "dictionary")]) == 0
+    assert f"{'evaluated on':<22} {saved['eval_source']}" in capsys.readouterr().out
+
+    # Refused in one line: the training cache itself, the same text, more rows than it holds.
+    same = _cache_of(tiny_lm_dir, tmp_path / "same", Path(cache).parent / "docs", 400)
+    for bad, message in ((cache, "is the training cache itself"),
+                         (same, "caches the same text as the training cache")):  # fmt: skip
+        assert main([*argv[:6], str(bad), *argv[7:], "--overwrite"]) == 2
+        assert message in capsys.readouterr().err
+    assert main([*argv, "--eval.tokens", "390", "--overwrite"]) == 2
+    assert "holds 372 rows of whole contexts, fewer than the 390 asked" in capsys.readouterr().err
 
 
 @pytest.mark.slow
