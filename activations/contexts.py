@@ -161,7 +161,7 @@ def cache_head(
     cache = CacheShards(path, hook_name)
     n = cache.n_rows
     seq = torch.cat([cache.meta_columns(i)["sequence"] for i in range(len(cache))])
-    ends = (torch.nonzero(seq[1:] != seq[:-1]).squeeze(-1) + 1).tolist() + [n]
+    ends = [*(torch.nonzero(seq[1:] != seq[:-1]).squeeze(-1) + 1).tolist(), n]
     lengths = torch.tensor(ends) - torch.tensor([0, *ends[:-1]])
     if lengths[-1] < lengths.max():  # the cache's end cut the last context short
         ends = ends[:-1]
