@@ -1,18 +1,20 @@
 """Matryoshka BatchTopK + AuxK (Bussmann, Nabeshima, Karvonen & Nanda 2025, "Learning
 Multi-Level Features with Matryoshka Sparse Autoencoders").
 
-One BatchTopK encoding over the whole dictionary; the loss sums the reconstruction error of
-every nested prefix of the latents (the paper's eq. 4 and SAELens's implementation, which
-add the inner levels' errors to the whole dictionary's), so the first m latents must
-reconstruct x on their own, b_dec included in every prefix:
+One encoding; the loss sums the reconstruction error of every nested prefix of the latents (the
+paper's eq. 4), b_dec included in every prefix. As in SAELens's trainer, each prefix of width m
+is its own BatchTopK: the k*B largest activations among its m latents, so the first m latents
+must reconstruct x with k codes a sample on their own:
 
-    loss = sum_m FVU(x, f[:, :m] W_dec[:m] + b_dec) + alpha * AuxK,   m in prefix widths.
+    loss = sum_m FVU(x, BatchTopK_k(f[:, :m]) W_dec[:m] + b_dec) + alpha * AuxK,  m in widths.
 
-Early latents therefore learn general (parent) features and cannot let a child's latent absorb
-them, which is what resists feature absorption. The prefixes share one encoding and one sparse
-decode: each kept activation is decoded once into the bag of its row and of the first prefix
-containing it, and the prefix reconstructions are the cumulative sums of the bags, O(B k D); the
-encoder's gradients flow through the kept codes only, as in sae/sparse_grad.py. The
+The last prefix is the whole dictionary: its codes are the dictionary's output, and the threshold
+and AuxK use them. Early latents therefore learn general (parent) features and cannot let a
+child's latent absorb them, which is what resists feature absorption. (Reusing the whole
+dictionary's codes for the inner prefixes instead, so that an inner prefix keeps only the codes
+that won the global ranking, recovered the true features worse on the realistic synthetic
+benchmark: README.) The prefixes share the encoder pass; each decodes only its kept codes, O(B k
+D), and the encoder's gradients flow through the kept codes only, as in sae/sparse_grad.py. A
 batch-wide top-kB ranks only the activations above a cutoff below the running threshold
 (`batch_topk`, exact, with a full ranking as the fallback).
 Saved for inference, like `batchtopk`, as a `jumprelu` with the learned threshold.
@@ -28,7 +30,7 @@ from torch import Tensor
 
 from sae.architectures.batchtopk import BatchTopKDictionary
 from sae.base import Dictionary, ForwardOutput
-from sae.sparse_grad import ActiveCodes, codes_from_pairs, decode_active, gather_pre_acts
+from sae.sparse_grad import codes_from_pairs, decode_active, gather_pre_acts
 from training.objectives.base import LossOutput, StepContext, register_objective
 from training.objectives.batchtopk import BatchTopK
 from training.objectives.topk_auxk import auxk_loss
@@ -64,30 +66,6 @@ def batch_topk(
     return idx // F_, idx % F_
 
 
-def prefix_reconstructions(
-    d: Dictionary,
-    values: Float[Tensor, " N"],
-    codes: ActiveCodes,
-    widths: list[int],
-) -> list[Float[Tensor, "B D"]]:
-    """x_hat of every prefix from the kept codes (sorted by row, then latent): each code is
-    decoded once into the bag (row, first prefix containing its latent), then the bags of a
-    row are summed cumulatively. Within a row the codes are sorted by latent, hence by
-    prefix, so the bags are already contiguous and the codes need no reordering; the bags
-    reuse the codes' per-latent order for the backward pass."""
-    batch, n_bags = codes.offsets.numel() - 1, len(widths)
-    bounds = torch.tensor(widths[:-1], device=codes.cols.device)
-    bag = codes.rows * n_bags + torch.bucketize(codes.cols, bounds, right=True)
-    counts = torch.bincount(bag, minlength=batch * n_bags)
-    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    bags = codes._replace(rows=bag, offsets=offsets)
-    decoded = decode_active(values, bags, d.W_dec).view(batch, n_bags, d.d_in)
-    prefixes = [decoded[:, 0] + d.b_dec]
-    for i in range(1, n_bags):  # a running sum; cumsum over the short middle dim is slower
-        prefixes.append(prefixes[-1] + decoded[:, i])
-    return prefixes
-
-
 @register_objective("matryoshka_batchtopk")
 class MatryoshkaBatchTopK(BatchTopK):
     architecture = "batchtopk"
@@ -108,20 +86,22 @@ class MatryoshkaBatchTopK(BatchTopK):
         # with a margin: almost always more than k*B candidates, so the fast path applies.
         threshold = getattr(d, "threshold", None)
         cutoff = 0.75 * float(threshold) if isinstance(threshold, Tensor) else 0.0
-        rows, cols = batch_topk(pre.detach(), self.cfg.k, cutoff)
-        codes = codes_from_pairs(rows, cols, B, F_)
+        ranked = pre.detach()
         if d.sparse_grad:  # encoder gradients through the kept codes only (sae/sparse_grad.py)
-            pre = pre.detach()
-            values = torch.relu(gather_pre_acts(d, x, pre, codes))
-        else:  # the dense reference
-            values = torch.relu(pre[codes.rows, codes.cols])
-        widths = self.widths()
-        x_hats = prefix_reconstructions(d, values, codes, widths)
-        self._kept = values.detach()
-        f = pre.new_zeros(pre.shape).index_put_((codes.rows, codes.cols), self._kept)
-        out = ForwardOutput(x_hat=x_hats[-1], feature_acts=f, pre_acts=pre, active=codes)
+            pre = ranked
         total = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-        per_prefix = torch.stack([(x_hat - x).pow(2).sum() for x_hat in x_hats]) / total
+        widths = self.widths()
+        errors = []
+        for width in widths:  # the last is the whole dictionary
+            rows, cols = batch_topk(ranked[:, :width], self.cfg.k, cutoff)
+            codes = codes_from_pairs(rows, cols, B, F_)
+            values = torch.relu(gather_pre_acts(d, x, pre, codes))
+            x_hat = decode_active(values, codes, d.W_dec) + d.b_dec
+            errors.append((x_hat - x).pow(2).sum() / total)
+        self._kept = values.detach()
+        f = ranked.new_zeros(ranked.shape).index_put_((codes.rows, codes.cols), self._kept)
+        out = ForwardOutput(x_hat=x_hat, feature_acts=f, pre_acts=pre, active=codes)
+        per_prefix = torch.stack(errors)
         loss = per_prefix.sum()
         parts = {"fvu": per_prefix[-1].detach(), "fvu_prefix_sum": loss.detach()}
         for width, value in zip(widths[:-1], per_prefix[:-1], strict=True):
