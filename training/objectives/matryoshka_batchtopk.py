@@ -2,21 +2,23 @@
 Multi-Level Features with Matryoshka Sparse Autoencoders").
 
 One encoding; the loss sums the reconstruction error of every nested prefix of the latents (the
-paper's eq. 4), b_dec included in every prefix. As in SAELens's trainer, each prefix of width m
-is its own BatchTopK: the k*B largest activations among its m latents, so the first m latents
-must reconstruct x with k codes a sample on their own:
+paper's eq. 4), b_dec included in every prefix. By default (`matryoshka_prefix_codes="own"`,
+as in SAELens's trainer) each prefix of width m is its own BatchTopK: the k*B largest
+activations among its m latents, so the first m latents must reconstruct x with k codes a
+sample on their own:
 
     loss = sum_m FVU(x, BatchTopK_k(f[:, :m]) W_dec[:m] + b_dec) + alpha * AuxK,  m in widths.
 
-The last prefix is the whole dictionary: its codes are the dictionary's output, and the threshold
-and AuxK use them. Early latents therefore learn general (parent) features and cannot let a
-child's latent absorb them, which is what resists feature absorption. (Reusing the whole
-dictionary's codes for the inner prefixes instead, so that an inner prefix keeps only the codes
-that won the global ranking, recovered the true features worse on the realistic synthetic
-benchmark: README.) The prefixes share the encoder pass; each decodes only its kept codes, O(B k
-D), and the encoder's gradients flow through the kept codes only, as in sae/sparse_grad.py. A
-batch-wide top-kB ranks only the activations above a cutoff below the running threshold
-(`batch_topk`, exact, with a full ranking as the fallback).
+With "shared", a prefix decodes only the whole dictionary's codes that fall in it: one
+selection and one sparse decode into per-row, per-prefix bags whose cumulative sums are the
+prefix reconstructions, faster, but worse at recovering true features at equal samples
+(README, "Choosing an architecture"). The last prefix is the whole dictionary: its codes are
+the dictionary's output, and the threshold and AuxK use them. Early latents learn general
+(parent) features and cannot let a child's latent absorb them, which is what resists feature
+absorption. Every decode is of kept codes only, O(B k D), and the encoder's gradients flow
+through the kept codes only, as in sae/sparse_grad.py. A batch-wide top-kB ranks only the
+activations above a cutoff below the running threshold (`batch_topk`, exact, with a full
+ranking as the fallback).
 Saved for inference, like `batchtopk`, as a `jumprelu` with the learned threshold.
 """
 
@@ -30,7 +32,7 @@ from torch import Tensor
 
 from sae.architectures.batchtopk import BatchTopKDictionary
 from sae.base import Dictionary, ForwardOutput
-from sae.sparse_grad import codes_from_pairs, decode_active, gather_pre_acts
+from sae.sparse_grad import ActiveCodes, codes_from_pairs, decode_active, gather_pre_acts
 from training.objectives.base import LossOutput, StepContext, register_objective
 from training.objectives.batchtopk import BatchTopK
 from training.objectives.topk_auxk import auxk_loss
@@ -66,6 +68,30 @@ def batch_topk(
     return idx // F_, idx % F_
 
 
+def prefix_reconstructions(
+    d: Dictionary,
+    values: Float[Tensor, " N"],
+    codes: ActiveCodes,
+    widths: list[int],
+) -> list[Float[Tensor, "B D"]]:
+    """x_hat of every prefix from the kept codes (sorted by row, then latent): each code is
+    decoded once into the bag (row, first prefix containing its latent), then the bags of a
+    row are summed cumulatively. Within a row the codes are sorted by latent, hence by
+    prefix, so the bags are already contiguous and the codes need no reordering; the bags
+    reuse the codes' per-latent order for the backward pass."""
+    batch, n_bags = codes.offsets.numel() - 1, len(widths)
+    bounds = torch.tensor(widths[:-1], device=codes.cols.device)
+    bag = codes.rows * n_bags + torch.bucketize(codes.cols, bounds, right=True)
+    counts = torch.bincount(bag, minlength=batch * n_bags)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    bags = codes._replace(rows=bag, offsets=offsets)
+    decoded = decode_active(values, bags, d.W_dec).view(batch, n_bags, d.d_in)
+    prefixes = [decoded[:, 0] + d.b_dec]
+    for i in range(1, n_bags):  # a running sum; cumsum over the short middle dim is slower
+        prefixes.append(prefixes[-1] + decoded[:, i])
+    return prefixes
+
+
 @register_objective("matryoshka_batchtopk")
 class MatryoshkaBatchTopK(BatchTopK):
     architecture = "batchtopk"
@@ -89,18 +115,19 @@ class MatryoshkaBatchTopK(BatchTopK):
         ranked = pre.detach()
         if d.sparse_grad:  # encoder gradients through the kept codes only (sae/sparse_grad.py)
             pre = ranked
-        total = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
         widths = self.widths()
-        errors = []
-        for width in widths:  # the last is the whole dictionary
-            rows, cols = batch_topk(ranked[:, :width], self.cfg.k, cutoff)
+        if self.cfg.matryoshka_prefix_codes == "own":
+            x_hats, codes, values = self._own_codes(d, x, pre, ranked, cutoff, widths)
+        else:
+            rows, cols = batch_topk(ranked, self.cfg.k, cutoff)
             codes = codes_from_pairs(rows, cols, B, F_)
             values = torch.relu(gather_pre_acts(d, x, pre, codes))
-            x_hat = decode_active(values, codes, d.W_dec) + d.b_dec
-            errors.append((x_hat - x).pow(2).sum() / total)
+            x_hats = prefix_reconstructions(d, values, codes, widths)
         self._kept = values.detach()
         f = ranked.new_zeros(ranked.shape).index_put_((codes.rows, codes.cols), self._kept)
-        out = ForwardOutput(x_hat=x_hat, feature_acts=f, pre_acts=pre, active=codes)
+        out = ForwardOutput(x_hat=x_hats[-1], feature_acts=f, pre_acts=pre, active=codes)
+        total = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        errors = [(x_hat - x).pow(2).sum() / total for x_hat in x_hats]
         per_prefix = torch.stack(errors)
         loss = per_prefix.sum()
         parts = {"fvu": per_prefix[-1].detach(), "fvu_prefix_sum": loss.detach()}
@@ -112,6 +139,26 @@ class MatryoshkaBatchTopK(BatchTopK):
             loss = loss + self.cfg.auxk_coefficient * aux
             parts["auxk"] = aux.detach()
         return LossOutput(loss, out, parts)
+
+    def _own_codes(
+        self,
+        d: Dictionary,
+        x: Tensor,
+        pre: Tensor,
+        ranked: Tensor,
+        cutoff: float,
+        widths: list[int],
+    ) -> tuple[list[Tensor], ActiveCodes, Tensor]:
+        """x_hat of every prefix from its own batch top-k; the last prefix's codes and values."""
+        assert self.cfg.k is not None
+        B, F_ = ranked.shape
+        x_hats = []
+        for width in widths:  # the last is the whole dictionary
+            rows, cols = batch_topk(ranked[:, :width], self.cfg.k, cutoff)
+            codes = codes_from_pairs(rows, cols, B, F_)
+            values = torch.relu(gather_pre_acts(d, x, pre, codes))
+            x_hats.append(decode_active(values, codes, d.W_dec) + d.b_dec)
+        return x_hats, codes, values
 
     def after_optimizer_step(self, d: Dictionary, out: ForwardOutput) -> None:
         # BatchTopK's threshold update without a pass over the [B, F] codes: the kept values.
