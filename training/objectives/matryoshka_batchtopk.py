@@ -100,6 +100,9 @@ class MatryoshkaBatchTopK(BatchTopK):
         super().__init__(cfg, d_in, d_sae)
         self._kept: Tensor | None = None
         """The last step's kept activations (what the threshold estimate needs)."""
+        self._prefix_kth: dict[int, float] = {}
+        """Smallest activation each inner prefix kept last step: 3/4 of it is the cutoff of
+        the prefix's next ranking (exact either way; only speed depends on it)."""
 
     def widths(self) -> list[int]:
         return prefix_widths(self.cfg.matryoshka_prefixes, self.d_sae)
@@ -154,9 +157,14 @@ class MatryoshkaBatchTopK(BatchTopK):
         B, F_ = ranked.shape
         x_hats = []
         for width in widths:  # the last is the whole dictionary
-            rows, cols = batch_topk(ranked[:, :width], self.cfg.k, cutoff)
+            # An inner prefix's k*B-th value lies above the whole dictionary's: its own last one
+            # gives a cutoff that leaves about k*B candidates, not a ranking of all B x width.
+            below = cutoff if width == F_ else 0.75 * self._prefix_kth.get(width, 0.0)
+            rows, cols = batch_topk(ranked[:, :width], self.cfg.k, below)
             codes = codes_from_pairs(rows, cols, B, F_)
             values = torch.relu(gather_pre_acts(d, x, pre, codes))
+            if width < F_ and values.numel():
+                self._prefix_kth[width] = float(values.detach().min())
             x_hats.append(decode_active(values, codes, d.W_dec) + d.b_dec)
         return x_hats, codes, values
 
