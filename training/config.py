@@ -75,7 +75,8 @@ class ObjectiveConfig:
     k: int = 32
     """Active features per token (topk) or mean active features per token (batchtopk)."""
     auxk_coefficient: float = 1 / 32
-    """Weight of the AuxK loss on dead latents (Gao et al. 2024); 0 disables it."""
+    """Weight of the AuxK loss on dead latents (Gao et al. 2024); 0 disables it.
+    matryoshka_batchtopk multiplies it by its number of prefixes (its loss sums that many)."""
     auxk_k: int | None = None
     """Dead latents used by AuxK per token (default d_in // 2, as Gao et al.)."""
     dead_tokens: int = 10_000_000

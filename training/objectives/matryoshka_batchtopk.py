@@ -7,7 +7,11 @@ as in SAELens's trainer) each prefix of width m is its own BatchTopK: the k*B la
 activations among its m latents, so the first m latents must reconstruct x with k codes a
 sample on their own:
 
-    loss = sum_m FVU(x, BatchTopK_k(f[:, :m]) W_dec[:m] + b_dec) + alpha * AuxK,  m in widths.
+    loss = sum_m FVU(x, BatchTopK_k(f[:, :m]) W_dec[:m] + b_dec) + L alpha AuxK,  m in widths,
+
+with L the number of prefixes, so AuxK weighs against the sum of L errors as it does against
+one in topk_auxk; the last prefix's latents, trained by the whole-dictionary error alone, are
+the ones that die.
 
 With "shared", a prefix decodes only the whole dictionary's codes that fall in it: one
 selection and one sparse decode into per-row, per-prefix bags whose cumulative sums are the
@@ -139,7 +143,8 @@ class MatryoshkaBatchTopK(BatchTopK):
         if self.cfg.auxk_coefficient > 0:
             dead = ctx.tokens_since_fired >= self.cfg.dead_tokens
             aux = auxk_loss(d, x, out, dead, self.auxk_k())
-            loss = loss + self.cfg.auxk_coefficient * aux
+            # Weighed against the sum of len(widths) prefix errors as topk's against one.
+            loss = loss + len(widths) * self.cfg.auxk_coefficient * aux
             parts["auxk"] = aux.detach()
         return LossOutput(loss, out, parts)
 
