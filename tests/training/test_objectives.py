@@ -101,9 +101,16 @@ def test_schedules():
     assert c3.update(0.0) == pytest.approx(float(torch.tensor(-0.1).exp()))  # clipped
 
 
-def test_each_matryoshka_prefix_is_its_own_batch_topk_decoded_densely():
+@pytest.mark.parametrize("prefix_codes", ["own", "shared"])
+def test_matryoshka_prefix_errors_equal_dense_decodes(prefix_codes):
+    """own: each prefix decodes its own batch top-k; shared: the whole dictionary's codes."""
     torch.manual_seed(0)
-    cfg = ObjectiveConfig(name="matryoshka_batchtopk", k=3, matryoshka_prefixes=(0.25, 0.5))
+    cfg = ObjectiveConfig(
+        name="matryoshka_batchtopk",
+        k=3,
+        matryoshka_prefixes=(0.25, 0.5),
+        matryoshka_prefix_codes=prefix_codes,
+    )
     obj = MatryoshkaBatchTopK(cfg, d_in=6, d_sae=16)
     assert obj.widths() == [4, 8, 16]
     d = build(obj.dictionary_config(6, 16))
@@ -118,49 +125,22 @@ def test_each_matryoshka_prefix_is_its_own_batch_topk_decoded_densely():
     total = (x - x.mean(0)).pow(2).sum()
     pre = torch.relu(d.pre_activations(x)).detach()
     expected = []
-    for m in (4, 8, 16):  # the 3 x 10 largest activations among the first m latents
-        kept = pre[:, :m].flatten().topk(30).indices
-        codes = torch.zeros(10 * m).index_copy_(0, kept, pre[:, :m].flatten()[kept])
-        x_hat = codes.view(10, m) @ d.W_dec[:m] + d.b_dec
-        expected.append(float(((x_hat - x).pow(2).sum() / total).detach()))
-    assert float(res.parts["fvu_prefix_4"]) == pytest.approx(expected[0], rel=1e-5)
-    assert float(res.parts["fvu_prefix_8"]) == pytest.approx(expected[1], rel=1e-5)
-    assert float(res.parts["fvu"]) == pytest.approx(expected[2], rel=1e-5)
-    assert float(res.loss.detach()) == pytest.approx(sum(expected), rel=1e-5)  # summed
-    assert torch.allclose(res.out.x_hat, d(x).x_hat, atol=1e-5)
-    # The first prefix has its own 30 codes, more than the whole dictionary's ranking gives it.
-    assert int((f[:, :4] != 0).sum()) < 30
-
-
-def test_shared_matryoshka_prefixes_decode_the_whole_dictionarys_codes():
-    torch.manual_seed(0)
-    cfg = ObjectiveConfig(
-        name="matryoshka_batchtopk",
-        k=3,
-        matryoshka_prefixes=(0.25, 0.5),
-        matryoshka_prefix_codes="shared",
-    )
-    obj = MatryoshkaBatchTopK(cfg, d_in=6, d_sae=16)
-    assert obj.widths() == [4, 8, 16]
-    d = build(obj.dictionary_config(6, 16))
-    obj.init_weights(d, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        d.b_dec.normal_()
-    x = torch.randn(10, 6)
-    res = obj.loss(d, x, StepContext(0.0, torch.zeros(16, dtype=torch.long)))
-    f = res.out.feature_acts
-    assert torch.equal(f, d(x).feature_acts)  # the same BatchTopK codes as the dictionary
-    assert int((f != 0).sum()) == 30
-    total = (x - x.mean(0)).pow(2).sum()
-    expected = []
     for m in (4, 8, 16):
-        x_hat = f[:, :m] @ d.W_dec[:m] + d.b_dec
+        if prefix_codes == "own":  # the 3 x 10 largest activations among the first m latents
+            kept = pre[:, :m].flatten().topk(30).indices
+            codes = torch.zeros(10 * m).index_copy_(0, kept, pre[:, :m].flatten()[kept])
+            codes = codes.view(10, m)
+        else:
+            codes = f[:, :m]
+        x_hat = codes @ d.W_dec[:m] + d.b_dec
         expected.append(float(((x_hat - x).pow(2).sum() / total).detach()))
     assert float(res.parts["fvu_prefix_4"]) == pytest.approx(expected[0], rel=1e-5)
     assert float(res.parts["fvu_prefix_8"]) == pytest.approx(expected[1], rel=1e-5)
     assert float(res.parts["fvu"]) == pytest.approx(expected[2], rel=1e-5)
     assert float(res.loss.detach()) == pytest.approx(sum(expected), rel=1e-5)  # summed
     assert torch.allclose(res.out.x_hat, d(x).x_hat, atol=1e-5)
+    # Own codes give the first prefix 30 codes, more than the whole dictionary's ranking does.
+    assert int((f[:, :4] != 0).sum()) < 30
 
 
 def test_batch_topk_ranks_above_a_cutoff_only_when_that_is_exact():
