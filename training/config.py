@@ -91,7 +91,7 @@ class ObjectiveConfig:
     """matryoshka_batchtopk: "own": each prefix keeps its own k*B largest activations, so its
     latents must reconstruct alone with k codes a sample (SAELens's trainer; better recovery of
     true features at equal samples). "shared": each prefix decodes the whole dictionary's codes
-    that fall in it (one selection and one decode: about 1.6x the samples/s of "own")."""
+    that fall in it (one selection and one decode: about 1.4x the samples/s of "own")."""
     jumprelu_bandwidth: float = 0.001
     """jumprelu: width of the straight-through rectangle kernel (Rajamanoharan et al.)."""
     jumprelu_init_threshold: float = 0.001
