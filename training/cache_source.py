@@ -43,8 +43,6 @@ class CacheSource:
     """The model the cache was written from (from its cache_config.json), if known."""
     train_rows: int
     held_out_rows: int
-    held_out_source: str
-    """Where the held-out rows come from, in words (saved in provenance as `eval_source`)."""
 
 
 def cache_source(
@@ -54,8 +52,9 @@ def cache_source(
     shards = CacheShards(path, hook_name)
     cache_cfg = read_cache_config(path)
     model_name = cache_cfg.get("model") if cache_cfg else None
-    if cfg.eval.cache is not None:
-        check_eval_cache(cfg.eval.cache, shards, cache_cfg)
+    eval_text = (
+        None if cfg.eval.cache is None else check_eval_cache(cfg.eval.cache, shards, cache_cfg)
+    )
     want_loss = cfg.eval.loss_recovered and model_name is not None
     if cfg.eval.loss_recovered and model_name is None:
         logger.warning("no %s beside the cache: loss recovered is not measured", CONFIG_FILE)
@@ -71,9 +70,8 @@ def cache_source(
         held = cache_head(cfg.eval.cache, shards.hook_name, cfg.eval.tokens, fill)
         train_rows = shards.n_rows
         source = f"the first {held.stop:,} rows of the evaluation cache {cfg.eval.cache}"
-        text = (read_cache_config(cfg.eval.cache) or {}).get("text") or {}
-        if text.get("split"):
-            source += f" (split {text['split']} of {text.get('dataset')})"
+        if eval_text and eval_text.get("split"):
+            source += f" (split {eval_text['split']} of {eval_text.get('dataset')})"
     else:
         held = cache_tail(path, shards.hook_name, cfg.eval.resolved_tokens(shards.n_rows), fill)
         train_rows = held.start
@@ -95,7 +93,7 @@ def cache_source(
         logger.info(
             "%d tokens asked of %d training rows: %d epochs", cfg.total_tokens, train_rows, epochs
         )
-    return CacheSource(reader, evaluator, model_name, train_rows, int(held.acts.shape[0]), source)
+    return CacheSource(reader, evaluator, model_name, train_rows, int(held.acts.shape[0]))
 
 
 def _evaluator(
@@ -113,9 +111,9 @@ def _evaluator(
 
 def check_eval_cache(
     path: str | Path, train: CacheShards, train_cfg: dict[str, Any] | None
-) -> None:
+) -> dict[str, Any]:
     """A UserError unless `path` caches the training cache's hook of the same model, from
-    other text than the training cache's."""
+    other text than the training cache's; else the text options it was cached with."""
     if Path(path).resolve() in (Path(train.folder).resolve(), Path(train.folder).parent.resolve()):
         raise UserError(f"--eval.cache {path} is the training cache itself; give a cache of "
                         "held-out text, e.g. sae cache --text.split validation")  # fmt: skip
@@ -135,3 +133,4 @@ def check_eval_cache(
         raise UserError(f"--eval.cache {path} caches the same text as the training cache (same "
                         "dataset, split and seed): its contexts are trained on; cache another "
                         "split, e.g. --text.split validation")  # fmt: skip
+    return held_cfg.get("text") or {}
