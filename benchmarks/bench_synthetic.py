@@ -2,7 +2,7 @@
 
 --preset realistic (benchmarks/synthetic_realistic.py): 4,096 hierarchical, correlated,
 Zipfian true features in 256 dimensions, a 1,024-wide dictionary, every objective on the same
-4M rows at the same L0, scored by MCC, per-latent F1, absorption and more; prints a table with
+12.6M rows at the same L0, scored by MCC, per-latent F1, absorption and more; prints a table with
 samples/s and draws docs/synthetic_realistic.png and docs/synthetic_curves.png.
 
 --preset quick (the default) is the setting below. Known sparse unit features in fewer dimensions, with firing probabilities spread over a

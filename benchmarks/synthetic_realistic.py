@@ -277,11 +277,13 @@ def run(args: argparse.Namespace, out: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("realistic preset")
-    g.add_argument("--samples", type=int, default=4 * 2**20, help="training samples (4M)")
+    g.add_argument(
+        "--samples", type=int, default=12 * 2**20, help="training samples (12.6M, see README)"
+    )
     g.add_argument("--eval-samples", type=int, default=65536)
     g.add_argument("--objectives", nargs="*", default=list(OBJECTIVES), choices=OBJECTIVES)
     g.add_argument("--dead-tokens", type=int, default=262_144, help="AuxK dead window")
-    g.add_argument("--curve-points", type=int, default=8)
+    g.add_argument("--curve-points", type=int, default=6)
     g.add_argument("--speed-warmup", type=int, default=300, help="steps before timing")
     g.add_argument("--speed-steps", type=int, default=300, help="timed steps (0: skip)")
     g.add_argument("--seed", type=int, default=0)

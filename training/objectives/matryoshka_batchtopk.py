@@ -1,28 +1,27 @@
 """Matryoshka BatchTopK + AuxK (Bussmann, Nabeshima, Karvonen & Nanda 2025, "Learning
 Multi-Level Features with Matryoshka Sparse Autoencoders").
 
-One encoding; the loss sums the reconstruction error of every nested prefix of the latents (the
-paper's eq. 4), b_dec included in every prefix. By default (`matryoshka_prefix_codes="own"`,
-as in SAELens's trainer) each prefix of width m is its own BatchTopK: the k*B largest
-activations among its m latents, so the first m latents must reconstruct x with k codes a
-sample on their own:
+One encoding and one BatchTopK over the whole dictionary; the loss sums the reconstruction
+error of every nested prefix of the latents (the paper's eq. 4), each prefix decoding the codes
+that fall in it, b_dec included in every prefix:
 
-    loss = sum_m FVU(x, BatchTopK_k(f[:, :m]) W_dec[:m] + b_dec) + L alpha AuxK,  m in widths,
+    loss = sum_m FVU(x, f[:, :m] W_dec[:m] + b_dec) + L alpha AuxK,  m in widths,
 
 with L the number of prefixes, so AuxK weighs against the sum of L errors as it does against
-one in topk_auxk; the last prefix's latents, trained by the whole-dictionary error alone, are
-the ones that die.
+one in topk_auxk. Early latents must reconstruct x without the later ones, so they learn
+general (parent) features and cannot let a child's latent absorb them, which is what resists
+feature absorption. The codes are decoded once into per-row, per-prefix bags whose cumulative
+sums are the prefix reconstructions; the last prefix is the whole dictionary, whose codes are
+the dictionary's output and feed the threshold and AuxK.
 
-With "shared", a prefix decodes only the whole dictionary's codes that fall in it: one
-selection and one sparse decode into per-row, per-prefix bags whose cumulative sums are the
-prefix reconstructions, faster, but worse at recovering true features at equal samples
-(README, "Choosing an architecture"). The last prefix is the whole dictionary: its codes are
-the dictionary's output, and the threshold and AuxK use them. Early latents learn general
-(parent) features and cannot let a child's latent absorb them, which is what resists feature
-absorption. Every decode is of kept codes only, O(B k D), and the encoder's gradients flow
-through the kept codes only, as in sae/sparse_grad.py. A batch-wide top-kB ranks only the
-activations above a cutoff below the running threshold (`batch_topk`, exact, with a full
-ranking as the fallback).
+With `matryoshka_prefix_codes="own"` (SAELens's trainer) each prefix of width m is its own
+BatchTopK instead, the k*B largest activations among its m latents, so the first m latents
+must reconstruct x with k codes a sample on their own: each prefix costs its own ranking,
+gather and decode.
+
+Every decode is of kept codes only, O(B k D), and the encoder's gradients flow through the kept
+codes only, as in sae/sparse_grad.py. A batch-wide top-kB ranks only the activations above a
+cutoff below the running threshold (`batch_topk`, exact, with a full ranking as the fallback).
 Saved for inference, like `batchtopk`, as a `jumprelu` with the learned threshold.
 """
 
@@ -31,6 +30,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -134,7 +134,7 @@ class MatryoshkaBatchTopK(BatchTopK):
         f = ranked.new_zeros(ranked.shape).index_put_((codes.rows, codes.cols), self._kept)
         out = ForwardOutput(x_hat=x_hats[-1], feature_acts=f, pre_acts=pre, active=codes)
         total = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-        errors = [(x_hat - x).pow(2).sum() / total for x_hat in x_hats]
+        errors = [F.mse_loss(x_hat, x, reduction="sum") / total for x_hat in x_hats]
         per_prefix = torch.stack(errors)
         loss = per_prefix.sum()
         parts = {"fvu": per_prefix[-1].detach(), "fvu_prefix_sum": loss.detach()}
