@@ -162,8 +162,9 @@ class MatryoshkaBatchTopK(BatchTopK):
         B, F_ = ranked.shape
         x_hats = []
         for width in widths:  # the last is the whole dictionary
-            # An inner prefix's k*B-th value lies above the whole dictionary's: its own last one
-            # gives a cutoff that leaves about k*B candidates, not a ranking of all B x width.
+            # An inner prefix ranks fewer activations, so its k*B-th value lies below the whole
+            # dictionary's threshold: its own last one gives a cutoff that leaves about k*B
+            # candidates, not a ranking of all B x width.
             below = cutoff if width == F_ else 0.75 * self._prefix_kth.get(width, 0.0)
             rows, cols = batch_topk(ranked[:, :width], self.cfg.k, below)
             codes = codes_from_pairs(rows, cols, B, F_)
