@@ -12,11 +12,32 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from sae.base import Dictionary, DictionaryConfig, EncoderOutput, register
-from sae.sparse_grad import ActiveCodes, codes_from_mask
+from sae.sparse_grad import MAX_ACTIVE_FRACTION, ActiveCodes, codes_from_pairs
+
+
+def batch_topk(
+    pre: Float[Tensor, "B F"], k: int, cutoff: float
+) -> tuple[Int[Tensor, " N"], Int[Tensor, " N"]]:
+    """(row, latent) of the k*B largest ReLU(pre) of the batch, sorted by row then latent: the
+    selection of BatchTopKDictionary.activation. When at least k*B values exceed `cutoff` > 0
+    the largest are among them, so only those are ranked (a compare and a small top-k instead
+    of a top-kB over all B*F values); otherwise, or with no cutoff yet, the whole batch is."""
+    B, F_ = pre.shape
+    n_keep = min(k * B, pre.numel())
+    if cutoff > 0:  # above a positive cutoff, ReLU is the identity
+        flat = pre.flatten()
+        candidates = (flat > cutoff).nonzero().squeeze(-1)  # in row-major order
+        if candidates.numel() >= n_keep:
+            _, pos = flat[candidates].topk(n_keep, sorted=False)
+            keep = torch.zeros(candidates.numel(), dtype=torch.bool, device=pre.device)
+            idx = candidates[keep.index_fill_(0, pos, True)]
+            return idx // F_, idx % F_
+    idx = torch.relu(pre).flatten().topk(n_keep, sorted=False).indices.sort().values
+    return idx // F_, idx % F_
 
 
 @register("batchtopk")
@@ -42,10 +63,18 @@ class BatchTopKDictionary(Dictionary):
         f = torch.zeros(pre_acts.numel(), dtype=acts.dtype, device=acts.device)
         return f.scatter(-1, idx, acts).reshape(pre_acts.shape)
 
+    def ranking_cutoff(self) -> float:
+        """3/4 of the running threshold (0 before it is estimated): almost always more than
+        k*B activations of a batch lie above it, so `batch_topk` ranks only those."""
+        return max(0.75 * float(self.threshold), 0.0)
+
     def active_codes(self, pre_acts: Float[Tensor, "B F"]) -> ActiveCodes | None:
-        _, idx = self._batch_topk(pre_acts)
-        mask = torch.zeros(pre_acts.numel(), dtype=torch.bool, device=pre_acts.device)
-        return codes_from_mask(mask.index_fill_(0, idx, True).reshape(pre_acts.shape))
+        assert self.cfg.k is not None
+        if self.cfg.k > MAX_ACTIVE_FRACTION * self.d_sae:
+            return None
+        B, F_ = pre_acts.shape
+        rows, cols = batch_topk(pre_acts, self.cfg.k, self.ranking_cutoff())
+        return codes_from_pairs(rows, cols, B, F_)
 
     def encode_sparse(self, x: Float[Tensor, "B D"], k: int | None = None) -> EncoderOutput:
         """Active features of each row; rows differ in L0, so k defaults to the batch's max."""

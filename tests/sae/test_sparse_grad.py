@@ -65,6 +65,22 @@ def test_sparse_forward_equals_dense_in_outputs_and_every_gradient(
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("cutoff_of_kth", [0.5, 0.99, 2.0])  # fast, fast, fallback
+def test_batchtopk_ranking_above_its_running_threshold_changes_nothing(
+    cutoff_of_kth: float,
+) -> None:
+    d = _sparse_dictionary("batchtopk")
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    kth = torch.relu(d.pre_activations(x)).flatten().topk(4 * 16).values.min()
+    with torch.no_grad():
+        d.get_buffer("threshold").fill_(float(kth) * cutoff_of_kth / 0.75)
+    assert d.ranking_cutoff() == pytest.approx(float(kth) * cutoff_of_kth)  # type: ignore[operator]
+    dense = _outputs_and_grads(d, x, sparse=False)
+    sparse = _outputs_and_grads(d, x, sparse=True)
+    for a, b in zip(sparse, dense, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_too_many_active_codes_fall_back_to_the_dense_forward() -> None:
     d = random_dictionary("relu", d_in=8, d_sae=64).double()  # about half the codes fire
     x = torch.randn(16, 8, dtype=torch.float64)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sae.architectures.batchtopk import batch_topk
 from sae.base import DictionaryConfig, build
 from training.config import ObjectiveConfig, OptimConfig
 from training.objectives.base import StepContext, normalize_decoder_rows_, remove_parallel_grad_
 from training.objectives.jumprelu import JumpReLUFn, StepFn
-from training.objectives.matryoshka_batchtopk import MatryoshkaBatchTopK, batch_topk
+from training.objectives.matryoshka_batchtopk import MatryoshkaBatchTopK
 from training.objectives.relu_l1_2024 import fold_decoder_norms_
 from training.objectives.topk_auxk import TopKAuxK, auxk_loss
 from training.schedules import L0Controller, lr_factor, sparsity_warmup_factor

@@ -27,14 +27,14 @@ Saved for inference, like `batchtopk`, as a `jumprelu` with the learned threshol
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
-from sae.architectures.batchtopk import BatchTopKDictionary
+from sae.architectures.batchtopk import BatchTopKDictionary, batch_topk
 from sae.base import Dictionary, ForwardOutput
 from sae.sparse_grad import ActiveCodes, codes_from_pairs, decode_active, gather_pre_acts
 from training.objectives.base import LossOutput, StepContext, register_objective
@@ -49,27 +49,6 @@ def prefix_widths(fractions: tuple[float, ...], d_sae: int) -> list[int]:
     """Prefix widths in latents from fractions of d_sae: increasing, distinct, ending at d_sae."""
     widths = sorted({max(1, min(d_sae, round(f * d_sae))) for f in fractions} | {d_sae})
     return widths
-
-
-def batch_topk(
-    pre: Float[Tensor, "B F"], k: int, cutoff: float
-) -> tuple[Int[Tensor, " N"], Int[Tensor, " N"]]:
-    """(row, latent) of the k*B largest ReLU(pre) of the batch, sorted by row then latent: the
-    selection of BatchTopKDictionary.activation. When at least k*B values exceed `cutoff` > 0
-    the largest are among them, so only those are ranked (a compare and a small top-k instead
-    of a top-kB over all B*F values); otherwise, or with no cutoff yet, the whole batch is."""
-    B, F_ = pre.shape
-    n_keep = min(k * B, pre.numel())
-    if cutoff > 0:  # above a positive cutoff, ReLU is the identity
-        flat = pre.flatten()
-        candidates = (flat > cutoff).nonzero().squeeze(-1)  # in row-major order
-        if candidates.numel() >= n_keep:
-            _, pos = flat[candidates].topk(n_keep, sorted=False)
-            keep = torch.zeros(candidates.numel(), dtype=torch.bool, device=pre.device)
-            idx = candidates[keep.index_fill_(0, pos, True)]
-            return idx // F_, idx % F_
-    idx = torch.relu(pre).flatten().topk(n_keep, sorted=False).indices.sort().values
-    return idx // F_, idx % F_
 
 
 def prefix_reconstructions(
@@ -115,10 +94,9 @@ class MatryoshkaBatchTopK(BatchTopK):
         assert self.cfg.k is not None
         pre = d.pre_activations(x)
         B, F_ = pre.shape
-        # Below the running threshold (the smallest kept activation, averaged over batches)
-        # with a margin: almost always more than k*B candidates, so the fast path applies.
-        threshold = getattr(d, "threshold", None)
-        cutoff = 0.75 * float(threshold) if isinstance(threshold, Tensor) else 0.0
+        # Below the running threshold: batch_topk's fast path. `d` may be the compiled module,
+        # which forwards attributes to the dictionary but is no BatchTopKDictionary instance.
+        cutoff = cast(BatchTopKDictionary, d).ranking_cutoff()
         ranked = pre.detach()
         if d.sparse_grad:  # encoder gradients through the kept codes only (sae/sparse_grad.py)
             pre = ranked
