@@ -18,6 +18,11 @@ from torch import Tensor
 from sae.base import Dictionary, DictionaryConfig, EncoderOutput, register
 from sae.sparse_grad import MAX_ACTIVE_FRACTION, ActiveCodes, codes_from_pairs
 
+RANKING_MARGIN = 0.75
+"""A ranking cutoff is this fraction of last step's k*B-th activation: far enough below it that
+almost always more than k*B activations of the next batch lie above, so `batch_topk` ranks only
+those."""
+
 
 def batch_topk(
     pre: Float[Tensor, "B F"], k: int, cutoff: float
@@ -64,9 +69,9 @@ class BatchTopKDictionary(Dictionary):
         return f.scatter(-1, idx, acts).reshape(pre_acts.shape)
 
     def ranking_cutoff(self) -> float:
-        """3/4 of the running threshold (0 before it is estimated): almost always more than
-        k*B activations of a batch lie above it, so `batch_topk` ranks only those."""
-        return max(0.75 * float(self.threshold), 0.0)
+        """`batch_topk`'s cutoff: RANKING_MARGIN of the running threshold (0 before it is
+        estimated)."""
+        return max(RANKING_MARGIN * float(self.threshold), 0.0)
 
     def active_codes(self, pre_acts: Float[Tensor, "B F"]) -> ActiveCodes | None:
         assert self.cfg.k is not None

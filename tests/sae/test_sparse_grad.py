@@ -9,6 +9,7 @@ import torch
 
 import sae.base
 from sae import Dictionary
+from sae.architectures.batchtopk import RANKING_MARGIN
 from sae.sparse_grad import (
     MAX_ACTIVE_FRACTION,
     _sampled_dot,
@@ -73,7 +74,7 @@ def test_batchtopk_ranking_above_its_running_threshold_changes_nothing(
     x = torch.randn(16, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     kth = torch.relu(d.pre_activations(x)).flatten().topk(4 * 16).values.min()
     with torch.no_grad():
-        d.get_buffer("threshold").fill_(float(kth) * cutoff_of_kth / 0.75)
+        d.get_buffer("threshold").fill_(float(kth) * cutoff_of_kth / RANKING_MARGIN)
     assert d.ranking_cutoff() == pytest.approx(float(kth) * cutoff_of_kth)  # type: ignore[operator]
     dense = _outputs_and_grads(d, x, sparse=False)
     sparse = _outputs_and_grads(d, x, sparse=True)

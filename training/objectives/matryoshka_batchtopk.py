@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from sae.architectures.batchtopk import BatchTopKDictionary, batch_topk
+from sae.architectures.batchtopk import RANKING_MARGIN, BatchTopKDictionary, batch_topk
 from sae.base import Dictionary, ForwardOutput
 from sae.sparse_grad import ActiveCodes, codes_from_pairs, decode_active, gather_pre_acts
 from training.objectives.base import LossOutput, StepContext, register_objective
@@ -84,8 +84,8 @@ class MatryoshkaBatchTopK(BatchTopK):
         self._kept: Tensor | None = None
         """The last step's kept activations (what the threshold estimate needs)."""
         self._prefix_kth: dict[int, float] = {}
-        """Smallest activation each inner prefix kept last step: 3/4 of it is the cutoff of
-        the prefix's next ranking (exact either way; only speed depends on it)."""
+        """Smallest activation each inner prefix kept last step: RANKING_MARGIN of it is the
+        cutoff of the prefix's next ranking (exact either way; only speed depends on it)."""
 
     def widths(self) -> list[int]:
         return prefix_widths(self.cfg.matryoshka_prefixes, self.d_sae)
@@ -143,7 +143,7 @@ class MatryoshkaBatchTopK(BatchTopK):
             # An inner prefix ranks fewer activations, so its k*B-th value lies below the whole
             # dictionary's threshold: its own last one gives a cutoff that leaves about k*B
             # candidates, not a ranking of all B x width.
-            below = cutoff if width == F_ else 0.75 * self._prefix_kth.get(width, 0.0)
+            below = cutoff if width == F_ else RANKING_MARGIN * self._prefix_kth.get(width, 0.0)
             rows, cols = batch_topk(ranked[:, :width], self.cfg.k, below)
             codes = codes_from_pairs(rows, cols, B, F_)
             values = torch.relu(gather_pre_acts(d, x, pre, codes))
