@@ -200,6 +200,47 @@ def hook_widths(model: Any, hook_names: Iterable[str]) -> dict[str, int]:
     return {name: int(a.shape[-1]) for name, a in acts.items()}
 
 
+def firing_order(model: Any, hook_names: Iterable[str]) -> list[str]:
+    """The hooks in the order they fire in a forward pass (over two BOS tokens)."""
+    names = check_hook_names(model, hook_names)
+    order: list[str] = []
+
+    def note(name: str) -> Callable[..., Any]:
+        def fn(tensor: Any, *, hook: Any) -> Any:
+            if name not in order:
+                order.append(name)
+            return tensor
+
+        return fn
+
+    bos = model.tokenizer.bos_token_id
+    bos = model.tokenizer.eos_token_id if bos is None else bos
+    device = next(model.parameters()).device
+    tokens = torch.full((1, 2), int(bos or 0), dtype=torch.long, device=device)
+    with torch.no_grad(), model_lock(model), model.hooks(fwd_hooks=[(n, note(n)) for n in names]):
+        model(tokens, return_type=None)
+    return order
+
+
+def check_transcoder_hooks(model: Any, input_hook: str, target_hook: str) -> None:
+    """A UserError unless `target_hook` comes after `input_hook` in the forward pass (measured
+    on `model`; with no model, by their block numbers): a transcoder maps an activation to one
+    computed from it, never to one computed before it."""
+    if input_hook == target_hook:
+        raise UserError(f"a transcoder's target {target_hook} is its input hook; a transcoder "
+                        "reconstructs another hook (e.g. blocks.0.hook_mlp_out)")  # fmt: skip
+    if model is not None:
+        order = firing_order(model, [input_hook, target_hook])
+        before = len(order) == 2 and order.index(target_hook) < order.index(input_hook)
+    else:
+        a, b = hook_layer(input_hook), hook_layer(target_hook)
+        before = a is not None and b is not None and b < a
+    if before:
+        raise UserError(f"transcoder target {target_hook} comes before its input {input_hook} "
+                        "in the forward pass; the target must be computed from the input, e.g. "
+                        "blocks.L.ln2.hook_normalized -> blocks.L.hook_mlp_out")  # fmt: skip
+
+
 def check_hook_width(model: Any, hook_name: str, d_in: int) -> None:
     """UserError before any work if the model has no such hook or its width is not `d_in`
     (a dictionary paired with the wrong model)."""

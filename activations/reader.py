@@ -23,6 +23,11 @@ A batch therefore mixes rows from chunks spread over all shards, reads stay sequ
 and the order is a pure function of (seed, epoch): `state_dict()` is just (epoch, position)
 and `load_state_dict()` resumes with exactly the same subsequent batches.
 
+Pairs of hooks (a transcoder's input and target): with `target_hook`, every batch row is the
+input hook's activation followed by the target hook's of the same token, [B, d_in + d_out].
+Both hooks must come from one `sae cache` pass (the same rows in the same shards), which
+`paired_shards` checks; the order is the single hook's, so the two sides never drift apart.
+
 With `world_size > 1` (DDP) rank r takes every world_size-th permuted chunk, so ranks read
 disjoint rows; every rank yields the same number of full batches per epoch (the few rows
 beyond the smallest rank's share are left out that epoch) so their steps stay in lock-step.
@@ -40,6 +45,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from activations.cache_format import (
+    CONFIG_FILE,
+    hook_dir,
     memmap_activations,
     open_manifest,
     read_cache_config,
@@ -104,6 +111,41 @@ class CacheShards:
         return read_meta_columns(self.files[shard])
 
 
+def paired_shards(
+    path: str | Path, hook_name: str | None, target_hook: str
+) -> tuple[CacheShards, CacheShards]:
+    """The input and target hooks of a transcoder, opened and checked to hold the same rows:
+    a UserError naming the missing hook, or the first shard whose rows differ, with the
+    command that caches both in one pass."""
+    inputs = CacheShards(path, hook_name)
+    root = inputs.folder.parent
+    config = read_cache_config(inputs.folder) or {}
+    cached = list(config.get("hooks", [inputs.hook_name]))
+    both = " ".join(dict.fromkeys([inputs.hook_name, target_hook]))
+    fix = (f"cache both hooks in one pass: sae cache --config {root / CONFIG_FILE} "
+           f"--hooks {both} --out NEW_CACHE")  # fmt: skip
+    if target_hook == inputs.hook_name:
+        raise UserError(f"--transcoder.target {target_hook} is the input hook itself; a "
+                        "transcoder reconstructs another hook (e.g. blocks.0.hook_mlp_out)")  # fmt: skip
+    if not hook_dir(root, target_hook).is_dir():
+        raise UserError(f"activation cache {root} has no target hook {target_hook!r} (it caches "
+                        f"{', '.join(cached)}); {fix}")  # fmt: skip
+    targets = CacheShards(root, target_hook)
+    sizes = [len(t) for t in inputs.activations], [len(t) for t in targets.activations]
+    bad = next((i for i, (a, b) in enumerate(zip(*sizes, strict=False)) if a != b), None)
+    if bad is None and len(sizes[0]) != len(sizes[1]):
+        bad = min(len(sizes[0]), len(sizes[1]))
+    for i in [] if bad is not None else sorted({0, len(inputs) - 1}):
+        a, b = inputs.meta_columns(i), targets.meta_columns(i)
+        if not all(torch.equal(a[k], b[k]) for k in ("token_ids", "sequence")):
+            bad = i
+            break
+    if bad is not None:
+        raise UserError(f"activation cache {root}: hooks {inputs.hook_name} and {target_hook} "
+                        f"hold different rows (from shard {bad} on); {fix}")  # fmt: skip
+    return inputs, targets
+
+
 class _Chunk(NamedTuple):
     shard: int
     start: int
@@ -138,14 +180,23 @@ class CachedActivations:
         drop_last: bool = False,
         prefetch: int = 4,
         rows: tuple[int, int] | None = None,
+        target_hook: str | None = None,
     ) -> None:
         if batch_size < 1 or epochs < 1 or chunk_rows < 1:
             raise ValueError("batch_size, epochs and chunk_rows must be positive")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.cache = CacheShards(path, hook_name)
+        self.targets: CacheShards | None = None
+        """The target hook of a transcoder's pairs (None: one hook)."""
+        if target_hook is not None:
+            self.cache, self.targets = paired_shards(path, hook_name, target_hook)
+        else:
+            self.cache = CacheShards(path, hook_name)
         self.hook_name = self.cache.hook_name
         self.d_in = self.cache.d_in
+        self.d_out: int | None = None if self.targets is None else self.targets.d_in
+        """Width of the target rows that follow each input row (None: one hook)."""
+        width = self.d_in + (self.d_out or 0)
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.seed = seed
@@ -156,7 +207,7 @@ class CachedActivations:
         self.drop_last = drop_last or world_size > 1
         self.prefetch = prefetch
         self.shards = self.cache.activations
-        self.buffer_rows = max(batch_size, buffer_bytes // (self.d_in * self.cache.dtype.itemsize))
+        self.buffer_rows = max(batch_size, buffer_bytes // (width * self.cache.dtype.itemsize))
         lo, hi = rows if rows is not None else (0, self.cache.n_rows)
         if not 0 <= lo < hi <= self.cache.n_rows:
             raise ValueError(f"rows {rows} outside the cache's {self.cache.n_rows} rows")
@@ -254,7 +305,12 @@ class CachedActivations:
     # -- iteration -------------------------------------------------------------------------
     def _load_group(self, group: list[_Chunk]) -> Tensor:
         parts = [self.shards[c.shard][c.start : c.stop] for c in group]
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        rows = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if self.targets is None:
+            return rows
+        # Pairs: the target hook's rows of the same chunks beside the input's.
+        ys = [self.targets.activations[c.shard][c.start : c.stop] for c in group]
+        return torch.cat([rows, torch.cat(ys) if len(ys) > 1 else ys[0]], dim=1)
 
     def _pieces(self, epoch: int, start: int, limit: int) -> Iterator[tuple[Tensor, Tensor]]:
         """This rank's epoch order from row `start` to `limit`: (mixing buffer, row order)."""

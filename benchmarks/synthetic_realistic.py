@@ -112,7 +112,7 @@ def train(
     curve: list[tuple[int, float, float]] = []
     eval_seconds = 0.0
 
-    def evaluator(d: Any, scale: float) -> dict[str, float]:
+    def evaluator(d: Any, scale: float, output_scale: float = 1.0) -> dict[str, float]:
         nonlocal eval_seconds
         t0 = time.perf_counter()
         assert curve_eval is not None

@@ -4,7 +4,14 @@ Every architecture computes pre-activations the same way and differs only in its
 activation function (relu, topk, jumprelu, ...):
 
     pre = W_enc^T (x - b_dec) + b_enc          (b_dec subtracted only if apply_b_dec_to_input)
-    f   = act(pre),   x_hat = f W_dec + b_dec
+    f   = act(pre),   x_hat = f W_dec + b_dec  (+ x W_skip for a transcoder with a skip)
+
+A *transcoder* is the same module whose output is another activation than its input: it reads
+`hook_name` (d_in, e.g. the MLP's normalised input) and reconstructs `hook_name_out` (d_out,
+e.g. the MLP's output), so W_dec is [d_sae, d_out] and b_dec [d_out] (Dunefsky, Chlenski &
+Nanda 2024, "Transcoders find interpretable LLM feature circuits"); a skip transcoder adds a
+linear path W_skip [d_in, d_out] (Paulo, Shabalin & Belrose 2025). Its input is never shifted
+by b_dec, which lives in the output space.
 
 An architecture is one small file that subclasses `Dictionary`, overrides `activation`
 (and, where it has extra parameters, `extra_parameters`), and registers itself by name with
@@ -60,6 +67,27 @@ class DictionaryConfig:
     """Input scaling used in training, recorded for provenance; already folded into weights."""
     provenance: dict[str, Any] = field(default_factory=dict)
     """Training run facts: tokens seen, l1_coefficient, dataset, git commit, source format."""
+    d_out: int | None = None
+    """Width of the activation a transcoder writes (None: a sparse autoencoder, d_out = d_in)."""
+    hook_name_out: str | None = None
+    """Hook a transcoder reconstructs, e.g. blocks.0.hook_mlp_out (None: hook_name itself)."""
+    skip: bool = False
+    """A transcoder with a linear skip connection W_skip [d_in, d_out]."""
+
+    @property
+    def is_transcoder(self) -> bool:
+        """Its output is another activation than its input (d_out set)."""
+        return self.d_out is not None
+
+    @property
+    def output_width(self) -> int:
+        """Width of the reconstruction: d_out for a transcoder, else d_in."""
+        return self.d_out if self.d_out is not None else self.d_in
+
+    @property
+    def output_hook(self) -> str | None:
+        """Hook the reconstruction belongs to: hook_name_out for a transcoder, else hook_name."""
+        return self.hook_name_out if self.is_transcoder else self.hook_name
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,7 +104,7 @@ class ForwardOutput(NamedTuple):
     """Everything one forward pass computes that training and analysis need."""
 
     x_hat: Float[Tensor, "B D"]
-    """Reconstruction of the input."""
+    """Reconstruction of the input (of the target activation, [B, d_out], for a transcoder)."""
     feature_acts: Float[Tensor, "B F"]
     """Dense feature activations f (zeros where inactive)."""
     pre_acts: Float[Tensor, "B F"]
@@ -87,7 +115,8 @@ class ForwardOutput(NamedTuple):
 
 
 class Dictionary(nn.Module):
-    """Sparse autoencoder: x -> f (sparse, d_sae) -> x_hat (d_in)."""
+    """Sparse autoencoder: x -> f (sparse, d_sae) -> x_hat (d_in); a transcoder: -> y_hat
+    (d_out)."""
 
     architecture: ClassVar[str] = ""
     needs_k: ClassVar[bool] = False
@@ -101,13 +130,20 @@ class Dictionary(nn.Module):
             raise ValueError(
                 f"{self.architecture} needs 1 <= k <= d_sae={cfg.d_sae}, got k={cfg.k}"
             )
+        if cfg.is_transcoder and cfg.apply_b_dec_to_input:
+            raise ValueError("a transcoder's b_dec is in its output space: apply_b_dec_to_input "
+                             "must be false")  # fmt: skip
+        if cfg.skip and not cfg.is_transcoder:
+            raise ValueError("a skip connection needs a transcoder (d_out set)")
         super().__init__()
         self.cfg = cfg
-        d_in, d_sae = cfg.d_in, cfg.d_sae
+        d_in, d_sae, d_out = cfg.d_in, cfg.d_sae, cfg.output_width
         self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
-        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_out))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        if cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(d_in, d_out))
         for name, shape in self.extra_parameters().items():
             self.register_parameter(name, nn.Parameter(torch.zeros(shape)))
 
@@ -135,6 +171,11 @@ class Dictionary(nn.Module):
     @property
     def d_sae(self) -> int:
         return self.cfg.d_sae
+
+    @property
+    def d_out(self) -> int:
+        """Width of the reconstruction (d_in for a sparse autoencoder)."""
+        return self.cfg.output_width
 
     @property
     def device(self) -> torch.device:
@@ -167,8 +208,22 @@ class Dictionary(nn.Module):
         return EncoderOutput(acts, idx)
 
     def decode(self, f: Float[Tensor, "B F"]) -> Float[Tensor, "B D"]:
-        """Dense reference decode: x_hat = f W_dec + b_dec."""
+        """Dense reference decode: x_hat = f W_dec + b_dec (a skip transcoder's skip term
+        needs the input: `forward` adds it, see `skip_output`)."""
         return f @ self.W_dec + self.b_dec
+
+    def skip_output(self, x: Float[Tensor, "B D"]) -> Float[Tensor, "B O"] | None:
+        """x W_skip, the skip transcoder's linear path (None without one)."""
+        if not self.cfg.skip:
+            return None
+        W_skip: Tensor = self.W_skip
+        out = torch.mm(x.reshape(-1, self.d_in).to(W_skip.dtype), W_skip)
+        return out.reshape(*x.shape[:-1], self.d_out)
+
+    def with_skip(self, x: Float[Tensor, "B D"], out: ForwardOutput) -> ForwardOutput:
+        """`out` with the skip path added to its reconstruction (unchanged without one)."""
+        skip = self.skip_output(x)
+        return out if skip is None else out._replace(x_hat=out.x_hat + skip.to(out.x_hat.dtype))
 
     def decode_sparse(
         self, top_acts: Float[Tensor, "B K"], top_indices: Int[Tensor, "B K"]
@@ -184,7 +239,7 @@ class Dictionary(nn.Module):
         out = F.embedding_bag(
             idx, self.W_dec, per_sample_weights=acts.to(self.W_dec.dtype), mode="sum"
         )
-        return (out + self.b_dec).reshape(*lead, self.d_in)
+        return (out + self.b_dec).reshape(*lead, self.d_out)
 
     def forward(self, x: Float[Tensor, "B D"]) -> ForwardOutput:
         """Reconstruction, codes and pre-activations; the sparse path when `sparse_grad`."""
@@ -192,8 +247,8 @@ class Dictionary(nn.Module):
         if self.sparse_grad and x.dim() == 2:
             out = self._sparse_output(x, pre.detach())
             if out is not None:
-                return out
-        return self.dense_output(pre)
+                return self.with_skip(x, out)
+        return self.with_skip(x, self.dense_output(pre))
 
     @torch.compiler.disable  # data-dependent shapes: compiled graphs stop around this step
     def _sparse_output(self, x: Tensor, pre: Tensor) -> ForwardOutput | None:
@@ -202,7 +257,7 @@ class Dictionary(nn.Module):
 
     def dense_forward(self, x: Float[Tensor, "B D"]) -> ForwardOutput:
         """The plain reference: dense codes, dense decode, dense gradients."""
-        return self.dense_output(self.pre_activations(x))
+        return self.with_skip(x, self.dense_output(self.pre_activations(x)))
 
     def dense_output(self, pre: Float[Tensor, "B F"]) -> ForwardOutput:
         """ForwardOutput from pre-activations through `activation` and `decode`."""
@@ -216,16 +271,24 @@ class Dictionary(nn.Module):
         return F.normalize(self.W_dec[feature_id], dim=0)
 
     @torch.no_grad()
-    def fold_input_scale(self, scale: float) -> None:
+    def fold_input_scale(self, scale: float, output_scale: float | None = None) -> None:
         """Make a dictionary trained on `scale * x` act on raw x, so users never rescale inputs.
 
         pre = W_enc^T (s x - b_dec) + b_enc = (s W_enc)^T (x - b_dec / s) + b_enc, and the
-        reconstruction of x is (f W_dec + b_dec) / s. Codes f are unchanged.
+        reconstruction of x is (f W_dec + b_dec) / s. Codes f are unchanged. A transcoder
+        trained to map s x to t y (`output_scale` t) writes y = (f W_dec + b_dec) / t and its
+        skip path becomes x (s / t) W_skip.
         """
+        t = scale if output_scale is None else output_scale
         self.W_enc.mul_(scale)
-        self.W_dec.div_(scale)
-        self.b_dec.div_(scale)
-        self.cfg.normalization = {**self.cfg.normalization, "folded_input_scale": scale}
+        self.W_dec.div_(t)
+        self.b_dec.div_(t)
+        if self.cfg.skip:
+            self.get_parameter("W_skip").mul_(scale / t)
+        folded: dict[str, float] = {"folded_input_scale": scale}
+        if output_scale is not None:
+            folded["folded_output_scale"] = output_scale
+        self.cfg.normalization = {**self.cfg.normalization, **folded}
 
     # -- I/O lives in sae/io.py; these are the conveniences users call -----------------------
     def save(self, path: Any) -> None:

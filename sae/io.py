@@ -5,6 +5,10 @@
       sae.safetensors   W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in],
                         plus the architecture's extras (jumprelu: threshold [d_sae])
 
+A transcoder's cfg.json also names its output (`d_out`, `hook_name_out`, `skip`): then W_dec
+is [d_sae, d_out], b_dec [d_out], and a skip transcoder holds W_skip [d_in, d_out]. A file
+without those fields is a sparse autoencoder, read as before.
+
 Every field of `DictionaryConfig` is in cfg.json, plus `format_version`. Weights are stored
 in `cfg.dtype`, with any input scaling already folded in (`Dictionary.fold_input_scale`), so a
 loaded dictionary acts on raw activations. Nothing is unpickled, ever.
@@ -173,10 +177,12 @@ def config_from_json(cfg_path: Path, raw: Mapping[str, Any]) -> DictionaryConfig
     def bad(field: str, want: str) -> DictionaryFormatError:
         return DictionaryFormatError(cfg_path, field, f"expected {want}, got {values[field]!r}")
 
-    for name in ("d_in", "d_sae"):
-        v = values[name]
+    for name in ("d_in", "d_sae", "d_out"):
+        v = values.get(name)
+        if name == "d_out" and v is None:
+            continue
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise bad(name, "a positive integer")
+            raise bad(name, "a positive integer" + (" or null" if name == "d_out" else ""))
     if not isinstance(values["architecture"], str):
         raise bad("architecture", "a string")
     if "dtype" in values and values["dtype"] not in DTYPES:
@@ -185,7 +191,7 @@ def config_from_json(cfg_path: Path, raw: Mapping[str, Any]) -> DictionaryConfig
             "dtype",
             f"unsupported dtype {values['dtype']!r}; supported: {', '.join(DTYPES)}",
         )
-    for name in ("hook_name", "model_name"):
+    for name in ("hook_name", "model_name", "hook_name_out"):
         if values.get(name) is not None and not isinstance(values[name], str):
             raise bad(name, "a string or null")
     k = values.get("k")
@@ -193,8 +199,9 @@ def config_from_json(cfg_path: Path, raw: Mapping[str, Any]) -> DictionaryConfig
         not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= values["d_sae"]
     ):
         raise bad("k", f"an integer in [1, d_sae={values['d_sae']}] or null")
-    if "apply_b_dec_to_input" in values and not isinstance(values["apply_b_dec_to_input"], bool):
-        raise bad("apply_b_dec_to_input", "true or false")
+    for name in ("apply_b_dec_to_input", "skip"):
+        if name in values and not isinstance(values[name], bool):
+            raise bad(name, "true or false")
     for name in ("normalization", "provenance"):
         if name in values and not isinstance(values[name], dict):
             raise bad(name, "a JSON object")
@@ -252,8 +259,9 @@ def assign_weights(
             raise DictionaryFormatError(
                 weights_path,
                 name,
-                f"shape {list(t.shape)} but cfg.json (d_in={d.d_in}, d_sae={d.d_sae}) "
-                f"implies {list(want)}",
+                f"shape {list(t.shape)} but cfg.json (d_in={d.d_in}, d_sae={d.d_sae}"
+                + (f", d_out={d.d_out}" if d.cfg.is_transcoder else "")
+                + f") implies {list(want)}",
             )
         if not bool(torch.isfinite(t).all()):
             kind = "NaN" if bool(torch.isnan(t).any()) else "inf"

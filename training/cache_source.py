@@ -8,6 +8,10 @@ Held-out rows come from one of two places:
 - otherwise the training cache's last whole contexts (`activations.contexts.cache_tail`), at
   least `EvalConfig.tokens` rows; the shuffled reader trains on the rows before them only.
 
+A transcoder (`TrainConfig.transcoder.target`) reads its input and target hooks from the same
+cache, row for row (`activations.reader.paired_shards`); its held-out rows are the same
+contexts of both hooks.
+
 `HeldOutEval` measures the final dictionary on them, with the cache's own model and contexts
 for loss recovered. Every process reads the whole global batch and trains on its share
 (training/distributed.py); only the main process evaluates.
@@ -23,7 +27,8 @@ from typing import Any
 
 from activations.cache_format import CONFIG_FILE, read_cache_config
 from activations.contexts import HeldOutRows, cache_head, cache_tail
-from activations.reader import CachedActivations, CacheShards
+from activations.hooks import check_transcoder_hooks
+from activations.reader import CachedActivations, CacheShards, paired_shards
 from sae.errors import UserError
 from training.config import TrainConfig
 from training.heldout import HeldOutContexts, HeldOutEval
@@ -49,7 +54,10 @@ def cache_source(
     cfg: TrainConfig, path: str | Path, hook_name: str | None, *, main: bool = True
 ) -> CacheSource:
     """Split off the held-out rows (or open the evaluation cache); build reader and evaluator."""
-    shards = CacheShards(path, hook_name)
+    target = cfg.transcoder.target
+    shards = paired_shards(path, hook_name, target)[0] if target else CacheShards(path, hook_name)
+    if target:
+        check_transcoder_hooks(None, shards.hook_name, target)
     cache_cfg = read_cache_config(path)
     model_name = cache_cfg.get("model") if cache_cfg else None
     eval_text = (
@@ -66,14 +74,22 @@ def cache_source(
 
         model = load_model(str(model_name))
         fill = special_ids(model.tokenizer)[0]  # each context starts with it (the BOS row)
+        if target:
+            check_transcoder_hooks(model, shards.hook_name, target)
+    held_out: HeldOutRows | None = None  # a transcoder's target rows of the held-out contexts
     if cfg.eval.cache is not None:
         held = cache_head(cfg.eval.cache, shards.hook_name, cfg.eval.tokens, fill)
+        if target:
+            paired_shards(cfg.eval.cache, shards.hook_name, target)
+            held_out = cache_head(cfg.eval.cache, target, held.stop, fill)
         train_rows = shards.n_rows
         source = f"the first {held.stop:,} rows of the evaluation cache {cfg.eval.cache}"
         if eval_text and eval_text.get("split"):
             source += f" (split {eval_text['split']} of {eval_text.get('dataset')})"
     else:
         held = cache_tail(path, shards.hook_name, cfg.eval.resolved_tokens(shards.n_rows), fill)
+        if target:
+            held_out = cache_tail(path, target, held.stop - held.start, fill)
         train_rows = held.start
         source = f"the last {held.stop - held.start:,} rows of the training cache, not trained on"
     epochs = max(1, math.ceil(cfg.total_tokens / train_rows))
@@ -85,8 +101,12 @@ def cache_source(
         epochs=epochs,
         rows=(0, train_rows),
         drop_last=True,
+        target_hook=target,
     )
-    evaluator = _evaluator(cfg, held, model, shards.hook_name, source) if main else None
+    if held_out is not None and (held_out.start, held_out.stop) != (held.start, held.stop):
+        raise UserError(f"the held-out contexts of {shards.hook_name} and {target} differ "
+                        f"(rows {held.start}-{held.stop} vs {held_out.start}-{held_out.stop})")  # fmt: skip
+    evaluator = _evaluator(cfg, held, model, shards.hook_name, source, held_out) if main else None
     logger.info("training on %d cached rows, evaluating on %s (%d contexts)",
                 train_rows, source, held.tokens.shape[0])  # fmt: skip
     if epochs > 1:
@@ -97,10 +117,17 @@ def cache_source(
 
 
 def _evaluator(
-    cfg: TrainConfig, held: HeldOutRows, model: Any, hook: str, source: str
+    cfg: TrainConfig,
+    held: HeldOutRows,
+    model: Any,
+    hook: str,
+    source: str,
+    targets: HeldOutRows | None = None,
 ) -> HeldOutEval:
     return HeldOutEval(
         held.acts,
+        targets=None if targets is None else targets.acts,
+        hook_name_out=cfg.transcoder.target if targets is not None else None,
         model=model,
         hook_name=hook if model is not None else None,
         contexts=HeldOutContexts(held.tokens, held.valid) if model is not None else None,

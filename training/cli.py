@@ -109,6 +109,15 @@ def run(args: argparse.Namespace) -> int:
         )
 
     open_manifest(args.cache, args.hook)  # a missing cache or hook: one line, before the lock
+    if cfg.transcoder.target:
+        from activations.reader import paired_shards
+
+        paired_shards(args.cache, args.hook, cfg.transcoder.target)  # likewise the target
+        if cfg.kl_finetune.tokens:
+            raise UserError("--kl-finetune.tokens splices a sparse autoencoder at its own hook; "
+                            "train a transcoder (--transcoder.target) without it")  # fmt: skip
+    elif cfg.transcoder.skip:
+        raise UserError("--transcoder.skip needs --transcoder.target HOOK (a transcoder)")
     with own_run_folder(cfg.out_dir):
         prepare_run_folder(cfg.out_dir, resume=args.resume, overwrite=args.overwrite)
         return _train(args, cfg, members)
@@ -146,6 +155,7 @@ def _train(args: argparse.Namespace, cfg: Any, members: list[Any]) -> int:
         evaluator=source.evaluator,
         resume=args.resume,
         kl_phase=kl_phase,
+        d_out=reader.d_out,
     )
     result = trainer.fit(reader)
     if not trainer.dist.is_main:

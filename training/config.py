@@ -58,6 +58,22 @@ class DictionaryShape:
 
 
 @dataclass
+class TranscoderConfig:
+    """Train a transcoder: a dictionary that reads one activation and reconstructs another,
+    e.g. the MLP's normalised input and its output, so its features stand in for the MLP
+    (Dunefsky, Chlenski & Nanda 2024; Anthropic's "Circuit Tracing", 2025)."""
+
+    target: str | None = None
+    """Hook to reconstruct, e.g. blocks.0.hook_mlp_out, from the input hook (--hook, e.g.
+    blocks.0.ln2.hook_normalized); both from the same cache (one `sae cache` of both hooks).
+    Unset: a sparse autoencoder of the input hook. From a model, write pairs in --hooks as
+    INPUT:TARGET instead."""
+    skip: bool = False
+    """Add a linear skip connection W_skip [d_in, d_out], zero-initialised and trained with
+    the rest (skip transcoders, Paulo, Shabalin & Belrose 2025)."""
+
+
+@dataclass
 class ObjectiveConfig:
     """The training objective (loss, constraints, how the dictionary is saved)."""
 
@@ -324,6 +340,8 @@ class TrainConfig:
     """Held-out evaluation."""
     kl_finetune: KLFinetuneConfig = field(default_factory=KLFinetuneConfig)
     """End-to-end KL fine-tuning after training (needs the model: --cache with its model)."""
+    transcoder: TranscoderConfig = field(default_factory=TranscoderConfig)
+    """Reconstruct another hook than the input (a transcoder) and its skip connection."""
 
     def __post_init__(self) -> None:
         if self.total_tokens < 1 or self.batch_size < 1:

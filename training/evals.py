@@ -47,28 +47,35 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(d: Dictionary, batches: Iterable[Tensor], dense_threshold: float = 0.1) -> EvalResult:
-    """Reconstruction and sparsity over `batches` (raw activations; the dictionary is final)."""
+def evaluate(
+    d: Dictionary,
+    batches: Iterable[Tensor | tuple[Tensor, Tensor]],
+    dense_threshold: float = 0.1,
+) -> EvalResult:
+    """Reconstruction and sparsity over `batches` (raw activations; the dictionary is final).
+    An item is a batch x (reconstructed as itself) or a pair (x, y): a transcoder's input and
+    the target its reconstruction is measured against."""
     err = sq = n = 0.0
-    sum_x: Tensor | None = None
+    sum_y: Tensor | None = None
     l0_sum = 0.0
     fired = torch.zeros(d.d_sae, device=d.device)
     count = 0
-    for x in batches:
-        x = x.to(d.device, d.dtype)
+    for item in batches:
+        x, y = item if isinstance(item, tuple) else (item, item)
+        x, y = x.to(d.device, d.dtype), y.to(d.device, d.dtype)
         out = d(x)
-        err += float((out.x_hat - x).pow(2).sum())
-        sq += float(x.pow(2).sum())
-        sum_x = x.sum(0) if sum_x is None else sum_x + x.sum(0)
+        err += float((out.x_hat - y).pow(2).sum())
+        sq += float(y.pow(2).sum())
+        sum_y = y.sum(0) if sum_y is None else sum_y + y.sum(0)
         active = out.feature_acts != 0
         l0_sum += float(active.sum())
         fired += active.sum(0)
         count += x.shape[0]
-        n += x.numel()
-    if count == 0 or sum_x is None:
+        n += y.numel()
+    if count == 0 or sum_y is None:
         raise ValueError("evaluate() got no batches")
-    # Total variance around the global mean: sum ||x||^2 - N ||mean||^2.
-    total = sq - float(sum_x.pow(2).sum()) / count
+    # Total variance around the global mean: sum ||y||^2 - N ||mean||^2.
+    total = sq - float(sum_y.pow(2).sum()) / count
     fvu = err / max(total, 1e-12)
     density = (fired / count).cpu()
     summary = density_summary(density, dense_threshold)

@@ -19,7 +19,11 @@ Where the held-out tokens come from (saved in words as `provenance["eval_source"
 
 Loss recovered splices the reconstruction into the model at the hook on the held-out contexts
 (positions the cache left out, BOS, keep the model's own activation) and compares next-token
-loss with the clean and zero-ablated model: (zero - spliced) / (zero - clean).
+loss with the clean and zero-ablated model: (zero - spliced) / (zero - clean). A transcoder's
+held-out rows are pairs (its input and target activations of the same tokens): its FVU is of
+the target, and for loss recovered its output replaces the target hook (the MLP's output),
+computed in the same forward pass from the model's own activation at its input hook; the
+baseline zero-ablates the target hook (the MLP removed).
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ class HeldOutEval:
         self,
         activations: Float[Tensor, "N D"],
         *,
+        targets: Float[Tensor, "N O"] | None = None,
+        hook_name_out: str | None = None,
         model: Any = None,
         hook_name: str | None = None,
         contexts: HeldOutContexts | None = None,
@@ -74,7 +80,14 @@ class HeldOutEval:
             raise ValueError(f"held-out activations must be [N>0, d_in], got {activations.shape}")
         if (model is None) != (contexts is None) or (model is not None and hook_name is None):
             raise ValueError("loss recovered needs the model, its hook name and the contexts")
+        if targets is not None and targets.shape[0] != activations.shape[0]:
+            raise ValueError(f"{targets.shape[0]} target rows for {activations.shape[0]} inputs")
+        if model is not None and (targets is None) != (hook_name_out is None):
+            raise ValueError("a transcoder's loss recovered needs its targets and target hook")
         self.activations = activations
+        self.targets = targets
+        """A transcoder's target rows (None: a sparse autoencoder, the target is the input)."""
+        self.hook_name_out = hook_name_out
         self.model = model
         self.hook_name = hook_name
         self.contexts = contexts
@@ -90,42 +103,55 @@ class HeldOutEval:
         return int(self.activations.shape[0])
 
     @torch.no_grad()
-    def __call__(self, dictionary: Dictionary, input_scale: float = 1.0) -> dict[str, float]:
+    def __call__(
+        self, dictionary: Dictionary, input_scale: float = 1.0, output_scale: float | None = None
+    ) -> dict[str, float]:
+        """The figures of `dictionary`; the scales are those of a dictionary still in its
+        training space (1.0 for a saved one; `output_scale` defaults to `input_scale`)."""
+        if dictionary.cfg.is_transcoder != (self.targets is not None):
+            want = "a transcoder" if self.targets is not None else "a sparse autoencoder"
+            raise ValueError(f"these held-out rows are for {want}")
+        out_scale = input_scale if output_scale is None else output_scale
         was_training = dictionary.training
         dictionary.eval()
         try:
-            scaled = (
-                (x * input_scale for x in self.activations.split(self.batch_size))
-                if input_scale != 1.0
-                else self.activations.split(self.batch_size)
-            )
-            r = evaluate(dictionary, scaled, self.dense_threshold)
+            xs = self.activations.split(self.batch_size)
+            ys = xs if self.targets is None else self.targets.split(self.batch_size)
+            pairs = ((x * input_scale, y * out_scale) for x, y in zip(xs, ys, strict=True))
+            r = evaluate(dictionary, pairs, self.dense_threshold)
             figures = {
                 "eval_tokens": float(self.n_tokens),
                 "fvu": r.fvu,
                 "explained_variance": r.explained_variance,
-                "mse": r.mse / input_scale**2,
+                "mse": r.mse / out_scale**2,
                 "l0": r.l0,
                 "dead_fraction": r.dead_fraction,
                 "dense_fraction": r.dense_fraction,
             }
             if self.model is not None:
-                figures.update(self._loss_recovered(dictionary, input_scale))
+                figures.update(self._loss_recovered(dictionary, input_scale, out_scale))
             return figures
         finally:
             dictionary.train(was_training)
 
     # -- loss recovered ------------------------------------------------------------------------
-    def _loss_recovered(self, dictionary: Dictionary, input_scale: float) -> dict[str, float]:
+    @property
+    def splice_hook(self) -> str | None:
+        """Where the reconstruction goes: a transcoder's target hook, else its own hook."""
+        return self.hook_name_out or self.hook_name
+
+    def _loss_recovered(
+        self, dictionary: Dictionary, input_scale: float, output_scale: float
+    ) -> dict[str, float]:
         assert self.contexts is not None and self.hook_name is not None
         device = _model_device(self.model)
         ce_clean = ce_spliced = kl = 0.0
         n = 0
         for tokens, valid in self._context_batches(device):
             target = tokens[:, 1:]
-            splice = _splicer(dictionary, input_scale, valid)
+            edits = splice_edits(dictionary, self.hook_name, input_scale, output_scale, valid)
             clean = run_with_edits(self.model, tokens, {})[:, :-1].float().log_softmax(-1)
-            spliced = run_with_edits(self.model, tokens, {self.hook_name: splice})
+            spliced = run_with_edits(self.model, tokens, edits)
             spliced = spliced[:, :-1].float().log_softmax(-1)
             ce_clean += float(_nll_sum(clean, target))
             ce_spliced += float(_nll_sum(spliced, target))
@@ -143,13 +169,14 @@ class HeldOutEval:
         }
 
     def _zero_ablated(self, device: torch.device) -> tuple[float, int]:
-        """Loss with the hook zeroed at the same positions: the same for every dictionary."""
-        assert self.hook_name is not None
+        """Loss with the spliced hook zeroed at the same positions: the same for every
+        dictionary of the hook."""
+        assert self.splice_hook is not None
         if self._zero_loss is None:
             total, n = 0.0, 0
             for tokens, valid in self._context_batches(device):
                 zero = _masked(lambda act: torch.zeros_like(act), valid)
-                logits = run_with_edits(self.model, tokens, {self.hook_name: zero})
+                logits = run_with_edits(self.model, tokens, {self.splice_hook: zero})
                 total += float(_nll_sum(logits[:, :-1].float().log_softmax(-1), tokens[:, 1:]))
                 n += tokens[:, 1:].numel()
             self._zero_loss = (total, n)
@@ -179,13 +206,41 @@ def _masked(edit: Any, valid: Tensor | None) -> Any:
     return apply
 
 
-def _splicer(dictionary: Dictionary, input_scale: float, valid: Tensor | None) -> Any:
-    def reconstruct(act: Tensor) -> Tensor:
-        flat = act.reshape(-1, act.shape[-1]).to(dictionary.device, dictionary.dtype)
-        x_hat = dictionary(flat * input_scale).x_hat / input_scale
-        return x_hat.reshape(act.shape).to(act.device, act.dtype)
+def splice_edits(
+    dictionary: Dictionary,
+    hook_name: str,
+    input_scale: float = 1.0,
+    output_scale: float | None = None,
+    valid: Tensor | None = None,
+) -> dict[str, Any]:
+    """`run_with_edits` edits that splice the dictionary into the model where `valid` (every
+    position if None): a sparse autoencoder's reconstruction replaces its hook's activation; a
+    transcoder's output, computed from the activation at its input hook `hook_name` in the
+    same forward pass, replaces its target hook's (`cfg.hook_name_out`)."""
+    out_scale = input_scale if output_scale is None else output_scale
 
-    return _masked(reconstruct, valid)
+    def transcode(x: Tensor, like: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(dictionary.device, dictionary.dtype)
+        y_hat = dictionary(flat * input_scale).x_hat / out_scale
+        return y_hat.reshape(*like.shape[:-1], -1).to(like.device, like.dtype)
+
+    if not dictionary.cfg.is_transcoder:
+        return {hook_name: _masked(lambda act: transcode(act, act), valid)}
+    target = dictionary.cfg.hook_name_out
+    if target is None:
+        raise ValueError("a transcoder without hook_name_out cannot be spliced into a model")
+    seen: list[Tensor] = []
+
+    def record(act: Tensor) -> Tensor:
+        seen.append(act)
+        return act
+
+    def replace(act: Tensor) -> Tensor:
+        if not seen:
+            raise ValueError(f"{target} ran before the transcoder's input hook {hook_name}")
+        return transcode(seen.pop(), act)
+
+    return {hook_name: record, target: _masked(replace, valid)}
 
 
 def _model_device(model: Any) -> torch.device:

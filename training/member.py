@@ -19,6 +19,7 @@ from torch import Tensor
 
 from sae.base import Dictionary, build
 from sae.devices import native_bf16
+from sae.errors import UserError
 from sae.sparse_grad import firing_counts
 from training.config import TrainConfig
 from training.density import DensityTracker, FiringTracker, density_row
@@ -39,17 +40,30 @@ loss, parts to log)."""
 
 class Member:
     def __init__(
-        self, name: str, cfg: TrainConfig, d_in: int, device: torch.device, dist: DistInfo
+        self,
+        name: str,
+        cfg: TrainConfig,
+        d_in: int,
+        device: torch.device,
+        dist: DistInfo,
+        d_out: int | None = None,
     ) -> None:
+        """`d_out`: a transcoder's target width; its batches are rows [x ; y] of d_in + d_out."""
         self.name = name
         self.cfg = cfg
         self.dist = dist
         self.device = device
+        self.d_in = d_in
         d_sae = cfg.dictionary.resolved_d_sae(d_in)
-        self.objective = OBJECTIVES[cfg.objective.name](cfg.objective, d_in, d_sae)
-        dcfg = self.objective.dictionary_config(d_in, d_sae)
+        self.objective = OBJECTIVES[cfg.objective.name](cfg.objective, d_in, d_sae, d_out)
+        skip = cfg.transcoder.skip
+        if skip and d_out is None:
+            raise UserError("--transcoder.skip needs a transcoder (--transcoder.target HOOK)")
+        dcfg = self.objective.dictionary_config(d_in, d_sae, d_out, skip=skip)
         dcfg.hook_name = cfg.dictionary.hook_name
         dcfg.model_name = cfg.dictionary.model_name
+        if d_out is not None:
+            dcfg.hook_name_out = cfg.transcoder.target
         self.dictionary: Dictionary = build(dcfg).to(device)
         self.dictionary.sparse_grad = cfg.sparse_grad
         # The compiled module shares parameters with `dictionary`; objectives call it for the
@@ -76,18 +90,38 @@ class Member:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.coefficient = cfg.objective.l1_coefficient
         self.scale = 1.0
+        """Input scale the member trains with (folded into the saved weights)."""
+        self.out_scale = 1.0
+        """A transcoder's target scale (its input's, `scale`, for a sparse autoencoder)."""
         self.n_resampled = 0
         self.kl_tokens = 0
         """Tokens trained with the KL term (training/kl_finetune.py)."""
         self.bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and native_bf16(device))
 
     # -- start ---------------------------------------------------------------------------------
+    @property
+    def is_transcoder(self) -> bool:
+        return self.dictionary.cfg.is_transcoder
+
+    def split(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+        """(scaled input, scaled target) of a batch: rows [x ; y] for a transcoder, else x."""
+        if not self.is_transcoder:
+            x = batch * self.scale if self.scale != 1.0 else batch
+            return x, x
+        x, y = batch[:, : self.d_in], batch[:, self.d_in :]
+        return x * self.scale, y * self.out_scale
+
     @torch.no_grad()
-    def initialize(self, sample: Tensor, input_scale: float) -> None:
-        """Weights from the member's generator; b_dec from the (scaled) sample."""
-        self.scale = input_scale if self.cfg.dictionary.normalize_inputs else 1.0
+    def initialize(
+        self, sample: Tensor, input_scale: float, output_scale: float | None = None
+    ) -> None:
+        """Weights from the member's generator; b_dec from the (scaled) sample's targets.
+        `output_scale`: a transcoder's target scale (default: the input's)."""
+        out = input_scale if output_scale is None else output_scale
+        normalize = self.cfg.dictionary.normalize_inputs
+        self.scale, self.out_scale = (input_scale, out) if normalize else (1.0, 1.0)
         self.objective.init_weights(self.dictionary, self.generator)
-        x = sample.to(self.device, torch.float32) * self.scale
+        _, x = self.split(sample.to(self.device, torch.float32))
         how = self.cfg.dictionary.b_dec_init
         if how == "geometric_median":
             self.dictionary.b_dec.copy_(geometric_median(x))
@@ -116,8 +150,7 @@ class Member:
         """Forward, backward, all-reduce, constrain, clip, Adam step, counters. `extra_loss`
         adds a term to the objective's loss (the KL phase); `lr` overrides the schedule."""
         cfg = self.cfg
-        if self.scale != 1.0:
-            x = x * self.scale
+        x, y = self.split(x)
         if lr is None:
             lr = cfg.optim.lr * lr_factor(step, cfg.total_steps, cfg.optim)
         for group in self.optimizer.param_groups:
@@ -130,10 +163,10 @@ class Member:
             else contextlib.nullcontext()
         )
         with autocast:
-            res = self.objective.loss(self.forward_module, x, ctx)
+            res = self.objective.loss(self.forward_module, x, y, ctx)
         loss = res.loss
         if extra_loss is not None:
-            extra, parts = extra_loss(self, res.out.x_hat.float() / self.scale, res.loss)
+            extra, parts = extra_loss(self, res.out.x_hat.float() / self.out_scale, res.loss)
             loss = loss + extra
             res.parts.update(parts)
             self.kl_tokens += global_tokens
@@ -160,7 +193,7 @@ class Member:
             return {}
         metrics: dict[str, Tensor | float] = {"loss": loss.detach(), "lr": lr, "coef": coef}
         metrics.update({f"loss/{k}": v for k, v in res.parts.items()})
-        metrics.update(batch_metrics(x, res.out.x_hat.detach(), f))
+        metrics.update(batch_metrics(y, res.out.x_hat.detach(), f))
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm.detach()
         return self._average_over_processes(metrics)
@@ -227,6 +260,7 @@ class Member:
             encoder_scale=cfg.resample.encoder_scale,
             fire_fraction=cfg.resample.fire_fraction,
             input_scale=self.scale,
+            output_scale=self.out_scale,
             sparsity_coefficient=self.coefficient if self.objective.sparsity_penalty == "l1" else 0,
         )
         n = int(ids.numel())
@@ -261,7 +295,9 @@ class Member:
     def final_dictionary(self, tokens: int) -> Dictionary:
         """A copy in the saved form: objective-specific folding, then the input scale folded."""
         d = self.objective.finalize(copy.deepcopy(self.dictionary))
-        if self.scale != 1.0:
+        if self.is_transcoder and (self.scale, self.out_scale) != (1.0, 1.0):
+            d.fold_input_scale(self.scale, self.out_scale)
+        elif self.scale != 1.0:
             d.fold_input_scale(self.scale)
         d.cfg.provenance = {
             **d.cfg.provenance,
@@ -286,6 +322,7 @@ class Member:
             "generator": self.generator.get_state(),
             "coefficient": self.coefficient,
             "scale": self.scale,
+            "out_scale": self.out_scale,
             "n_resampled": self.n_resampled,
             "objective": self.objective.state_dict(),
         }
@@ -300,5 +337,6 @@ class Member:
         self.generator.set_state(state["generator"])
         self.coefficient = float(state["coefficient"])
         self.scale = float(state["scale"])
+        self.out_scale = float(state.get("out_scale", self.scale))
         self.n_resampled = int(state["n_resampled"])
         self.objective.load_state_dict(state["objective"])

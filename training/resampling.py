@@ -14,6 +14,10 @@ At each scheduled point (TrainConfig.resample_points), a feature that has not fi
   6. Adam's first moment of the touched rows/columns <- 0, so stale momentum from the dead
      feature does not push the fresh one around; the second moment <- that of the alive
      features (see `_reset_adam_`: torch's Adam is bias-corrected by the global step).
+A transcoder's sample rows are pairs [x ; y] (input, then target): it is scored by its loss on
+y, its encoder row takes the direction of x and its decoder row that of the residual y - y_hat
+the new feature is to fill.
+
 "The input" is taken as the encoder sees it, x - b_dec (the paper's autoencoder subtracts the
 decoder bias before encoding and adds it back after decoding): the new feature then fires on
 the input it was drawn from, which with the raw x it need not when b_dec is large, as for MLP
@@ -48,6 +52,18 @@ BIAS_SAMPLE = 16_384
 """Rows of the scored sample used to place the new features' biases (`fire_fraction`)."""
 
 
+def split_pairs(
+    d: Dictionary, rows: Float[Tensor, "N W"], input_scale: float, output_scale: float
+) -> tuple[Float[Tensor, "N D"], Float[Tensor, "N O"]]:
+    """(scaled input, scaled target) of raw rows on the dictionary's device: a transcoder's
+    rows are [x ; y]; a sparse autoencoder's target is its input."""
+    rows = rows.to(d.device, torch.float32)
+    if not d.cfg.is_transcoder:
+        x = rows * input_scale
+        return x, x
+    return rows[:, : d.d_in] * input_scale, rows[:, d.d_in :] * output_scale
+
+
 @torch.no_grad()
 def resample_losses(
     d: Dictionary,
@@ -55,15 +71,18 @@ def resample_losses(
     input_scale: float = 1.0,
     sparsity_coefficient: float = 0.0,
     chunk: int = 8192,
+    output_scale: float | None = None,
 ) -> Float[Tensor, " N"]:
-    """The autoencoder's loss on each input: ||x - x_hat||^2 + coefficient * sum_i f_i
-    ||W_dec,i||, on CPU in float64 (`inputs` raw, any device and dtype; scaled in chunks)."""
+    """The autoencoder's loss on each input: ||y - y_hat||^2 + coefficient * sum_i f_i
+    ||W_dec,i||, on CPU in float64 (`inputs` raw, any device and dtype; scaled in chunks;
+    y = x but for a transcoder, see `split_pairs`)."""
     row_norms = d.W_dec.norm(dim=-1)
+    out_scale = input_scale if output_scale is None else output_scale
     out = []
-    for x in inputs.split(chunk):
-        x = x.to(d.device, torch.float32) * input_scale
+    for rows in inputs.split(chunk):
+        x, y = split_pairs(d, rows, input_scale, out_scale)
         res = d(x)
-        loss = (res.x_hat - x).pow(2).sum(-1)
+        loss = (res.x_hat - y).pow(2).sum(-1)
         if sparsity_coefficient:
             loss = loss + sparsity_coefficient * (res.feature_acts.abs() @ row_norms)
         out.append(loss.double().cpu())
@@ -108,6 +127,7 @@ def resample_dead_features(
     input_scale: float = 1.0,
     sparsity_coefficient: float = 0.0,
     fire_fraction: float | None = None,
+    output_scale: float | None = None,
 ) -> Int[Tensor, " R"]:
     """Re-initialise every dead feature from poorly reconstructed inputs; returns their ids.
 
@@ -118,15 +138,23 @@ def resample_dead_features(
     n_dead = dead_ids.numel()
     if n_dead == 0:
         return dead_ids
-    weights = resample_losses(d, inputs, input_scale, sparsity_coefficient).pow(2)
+    out_scale = input_scale if output_scale is None else output_scale
+    weights = resample_losses(
+        d, inputs, input_scale, sparsity_coefficient, output_scale=out_scale
+    ).pow(2)
     if not torch.isfinite(weights).all() or weights.sum() <= 0:
         weights = torch.ones_like(weights)
     # Without replacement when the sample is large enough: dead features get distinct inputs.
     picks = torch.multinomial(
         weights, n_dead, replacement=n_dead > int((weights > 0).sum()), generator=generator
     )
-    chosen = inputs[picks.to(inputs.device)].to(d.device, torch.float32) * input_scale
-    directions = F.normalize(chosen - d.b_dec.float(), dim=-1).to(d.dtype)
+    chosen, target = split_pairs(d, inputs[picks.to(inputs.device)], input_scale, out_scale)
+    if d.cfg.is_transcoder:
+        encoder_dirs = F.normalize(chosen, dim=-1).to(d.dtype)
+        directions = F.normalize(target - d(chosen).x_hat.float(), dim=-1).to(d.dtype)
+    else:
+        directions = F.normalize(chosen - d.b_dec.float(), dim=-1).to(d.dtype)
+        encoder_dirs = directions
 
     alive = ~dead
     if alive.any():
@@ -135,7 +163,7 @@ def resample_dead_features(
         alive_norm = torch.ones((), device=d.device, dtype=d.dtype)
 
     d.W_dec[dead_ids] = directions
-    d.W_enc[:, dead_ids] = (directions * alive_norm * encoder_scale).T
+    d.W_enc[:, dead_ids] = (encoder_dirs * alive_norm * encoder_scale).T
     d.b_enc[dead_ids] = 0.0
     if fire_fraction is not None:
         d.b_enc[dead_ids] = _bias_for_fraction(d, dead_ids, inputs, input_scale, fire_fraction)
@@ -155,7 +183,7 @@ def _bias_for_fraction(
 ) -> Float[Tensor, " R"]:
     """Per feature in `ids`, minus the (1 - fraction) quantile of its pre-activation (bias 0)
     over up to BIAS_SAMPLE of `inputs`: with that bias it fires on `fraction` of them."""
-    x = inputs[:BIAS_SAMPLE].to(d.device, torch.float32) * input_scale
+    x = inputs[:BIAS_SAMPLE].to(d.device, torch.float32)[:, : d.d_in] * input_scale
     if d.cfg.apply_b_dec_to_input:
         x = x - d.b_dec.float()
     pre = x @ d.W_enc[:, ids].float()  # [N, R]

@@ -104,3 +104,5 @@ def check_sweep(cfgs: Sequence[TrainConfig]) -> None:
                 raise UserError(f"sweep members differ in run-level option {name!r}")
         if c.dictionary.init_tokens != cfgs[0].dictionary.init_tokens:
             raise UserError("sweep members differ in run-level option 'dictionary.init_tokens'")
+        if c.transcoder.target != cfgs[0].transcoder.target:  # the batches are its pairs
+            raise UserError("sweep members differ in run-level option 'transcoder.target'")

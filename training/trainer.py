@@ -4,6 +4,10 @@
     result = trainer.fit(batches)          # a BatchSource: iterates Tensor[batch, d_in]
     result.dictionaries["dictionary"]      # saved in result.out_dir / "dictionary"
 
+A transcoder (`d_out` given, TrainConfig.transcoder) trains on paired rows: each batch is
+Tensor[batch, d_in + d_out], the input hook's activation then the target's, of the same tokens
+(`activations.source`).
+
 `fit` reads like SAELens's SAETrainer.fit: next batch, train step (every member of a sweep
 on the same batch), log, maybe resample, maybe evaluate, maybe checkpoint (`run` is the same
 loop one step at a time). The data source is only iterated (`activations.source.BatchSource`);
@@ -42,8 +46,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Evaluator = Callable[[Dictionary, float], dict[str, float]]
-"""Held-out evaluation of a dictionary and its input scale (training.heldout.HeldOutEval)."""
+Evaluator = Callable[[Dictionary, float, float], dict[str, float]]
+"""Held-out evaluation of a dictionary, its input scale and its output scale (the input's for a
+sparse autoencoder; training.heldout.HeldOutEval)."""
 
 
 @dataclass
@@ -84,6 +89,7 @@ class Trainer:
         stop: StopOnSignal | None = None,
         progress: bool = True,
         kl_phase: KLPhase | None = None,
+        d_out: int | None = None,
     ) -> None:
         cfgs = [cfg] if isinstance(cfg, TrainConfig) else list(cfg)
         if not cfgs:
@@ -99,6 +105,9 @@ class Trainer:
         self.cfg = cfgs[0]
         self.cfgs = cfgs
         self.d_in = d_in
+        self.d_out = d_out
+        """A transcoder's target width: batches are then [batch, d_in + d_out] pairs."""
+        self.width = d_in + (d_out or 0)
         self.resume = resume
         self.evaluator = evaluator
         self.out_dir = Path(self.cfg.out_dir)
@@ -110,11 +119,13 @@ class Trainer:
         )
         self.device = resolve_device(requested, self.dist)
         self.members = [
-            Member(n, c, d_in, self.device, self.dist) for n, c in zip(names, cfgs, strict=True)
+            Member(n, c, d_in, self.device, self.dist, d_out)
+            for n, c in zip(names, cfgs, strict=True)
         ]
         self.step = 0
         self.tokens = 0
         self.input_scale = 1.0
+        self.output_scale = 1.0
         self._consumed = 0
         self._pending: list[Tensor] = []
         self._sample = ResampleSample.for_configs(cfgs)
@@ -126,6 +137,9 @@ class Trainer:
         """Run after the main loop (training/kl_finetune.py): single process only."""
         if kl_phase is not None and self.dist.enabled:
             raise UserError("KL fine-tuning runs in a single process, not under torchrun")
+        if kl_phase is not None and d_out is not None:
+            raise UserError("KL fine-tuning splices a sparse autoencoder at its own hook; "
+                            "a transcoder trains without --kl-finetune.tokens")  # fmt: skip
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, batches: BatchSource) -> TrainResult:
@@ -201,9 +215,12 @@ class Trainer:
         if not self._pending:
             raise UserError("the activation source yielded no batches")
         sample = torch.cat(self._pending)[:need].to(self.device, torch.float32)
-        self.input_scale = input_scale(sample)
+        self.input_scale = input_scale(sample[:, : self.d_in])
+        self.output_scale = (
+            input_scale(sample[:, self.d_in :]) if self.d_out is not None else self.input_scale
+        )
         for m in self.members:
-            m.initialize(sample, self.input_scale)
+            m.initialize(sample, self.input_scale, self.output_scale)
 
     def _next_batch(self, it: Iterator[Tensor]) -> Tensor | None:
         if self._pending:
@@ -216,11 +233,10 @@ class Trainer:
         return self._check(x)
 
     def _check(self, x: Any) -> Tensor:
-        if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[-1] != self.d_in:
+        if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[-1] != self.width:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise UserError(
-                f"expected activation batches of shape [batch, {self.d_in}], got {shape}"
-            )
+            want = f"{self.d_in} + {self.d_out}" if self.d_out is not None else f"{self.d_in}"
+            raise UserError(f"expected activation batches of shape [batch, {want}], got {shape}")
         return x
 
     def _train_step(self, x: Tensor, bar: Any) -> None:
@@ -244,7 +260,7 @@ class Trainer:
         every = self.cfg.logging.eval_every_steps
         if self.evaluator is not None and every and self.step % every == 0 and self.dist.is_main:
             for m in self.members:
-                self._log_eval(m.name, self.evaluator(m.dictionary, m.scale))
+                self._log_eval(m.name, self.evaluator(m.dictionary, m.scale, m.out_scale))
 
     def log_rows(self, rows: dict[str, dict[str, Any]], bar: Any) -> None:
         multi = len(self.members) > 1
@@ -275,7 +291,7 @@ class Trainer:
             if self.dist.is_main:
                 if self.evaluator is not None:
                     # The saved dictionary carries its held-out figures (sae.evaluation).
-                    figures = self.evaluator(d, 1.0)
+                    figures = self.evaluator(d, 1.0, 1.0)
                     source = getattr(self.evaluator, "source", None)
                     d.cfg.provenance = {**d.cfg.provenance, "eval": figures,
                                         **({"eval_source": source} if source else {})}  # fmt: skip
@@ -313,6 +329,7 @@ class Trainer:
                 "step": self.step,
                 "tokens": self.tokens,
                 "input_scale": self.input_scale,
+                "output_scale": self.output_scale,
                 "members": {m.name: m.state_dict() for m in self.members},
                 "data_state": (
                     batches.state_dict() if isinstance(batches, ResumableSource) else None
@@ -335,6 +352,7 @@ class Trainer:
             m.load_state_dict(state["members"][m.name])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.input_scale = float(state["input_scale"])
+        self.output_scale = float(state.get("output_scale", self.input_scale))
         self._consumed = int(state["consumed_batches"])
         self._pending = list(state["pending"])
         self._sample.load_state_dict(state["sample"])
@@ -360,6 +378,7 @@ class Trainer:
     def _write_config(self) -> None:
         write_run_config(self.out_dir, self.members, self._config_dict(), {
             "d_in": self.d_in, "input_scale": self.input_scale,
+            **({"d_out": self.d_out, "output_scale": self.output_scale} if self.d_out else {}),
             "world_size": self.dist.world_size, "device": str(self.device),
         })  # fmt: skip
 

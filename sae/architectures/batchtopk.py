@@ -118,7 +118,7 @@ class BatchTopKDictionary(Dictionary):
         cfg.provenance = {**cfg.provenance, "trained_as": "batchtopk", "batchtopk_k": self.cfg.k}
         out = build(cfg).to(device=self.device, dtype=self.dtype)
         with torch.no_grad():
-            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-                getattr(out, name).copy_(getattr(self, name))
+            for name, param in self.named_parameters():  # W_enc ... b_dec, W_skip if any
+                out.get_parameter(name).copy_(param)
             out.get_parameter("threshold").fill_(float(self.threshold))
         return out

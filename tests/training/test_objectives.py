@@ -70,11 +70,11 @@ def test_auxk_only_uses_dead_latents():
     obj.init_weights(d, torch.Generator().manual_seed(0))
     x = torch.randn(16, 6)
     since = torch.zeros(12, dtype=torch.long)
-    assert float(obj.loss(d, x, StepContext(0.0, since)).parts["auxk"]) == 0.0
+    assert float(obj.loss(d, x, x, StepContext(0.0, since)).parts["auxk"]) == 0.0
 
     since[[3, 7]] = 1000  # two latents have not fired for 1000 tokens: dead
     out = d(x)
-    aux = auxk_loss(d, x, out, since >= 100, auxk_k=3)
+    aux = auxk_loss(d, x, x, out, since >= 100, auxk_k=3)
     assert float(aux.detach()) > 0
     aux.backward()
     touched = d.W_enc.grad.abs().sum(0).nonzero().squeeze(-1).tolist()
@@ -119,7 +119,7 @@ def test_matryoshka_prefix_errors_equal_dense_decodes(prefix_codes):
     with torch.no_grad():
         d.b_dec.normal_()
     x = torch.randn(10, 6)
-    res = obj.loss(d, x, StepContext(0.0, torch.zeros(16, dtype=torch.long)))
+    res = obj.loss(d, x, x, StepContext(0.0, torch.zeros(16, dtype=torch.long)))
     f = res.out.feature_acts
     assert torch.equal(f, d(x).feature_acts)  # the whole dictionary's BatchTopK codes
     assert int((f != 0).sum()) == 30
@@ -173,7 +173,7 @@ def test_matryoshka_sparse_gradients_equal_the_dense_reference(prefix_codes):
     for sparse in (True, False):
         d.sparse_grad = sparse
         d.zero_grad()
-        res = obj.loss(d, x, StepContext(0.0, since))
+        res = obj.loss(d, x, x, StepContext(0.0, since))
         assert res.out.pre_acts.requires_grad is not sparse
         res.loss.backward()
         grads.append({n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None})

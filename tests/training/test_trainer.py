@@ -138,7 +138,7 @@ def test_evaluator_runs_every_eval_steps_and_at_the_end(tmp_path):
     cfg = with_(cfg, logging=with_(cfg.logging, eval_every_steps=5))
     seen: list[tuple[int, float]] = []
 
-    def evaluator(d, scale):
+    def evaluator(d, scale, output_scale):
         x = data().batch(123)
         seen.append((d.d_sae, scale))
         return {"fvu_raw": evaluate(d, [x]).fvu if scale == 1.0 else -1.0}

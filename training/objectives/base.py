@@ -63,10 +63,10 @@ def fvu(x: Float[Tensor, "B D"], x_hat: Float[Tensor, "B D"]) -> Tensor:
 
 
 def penalized_sse(
-    x: Float[Tensor, "B D"], out: ForwardOutput, penalty: Tensor, coefficient: float, name: str
+    y: Float[Tensor, "B D"], out: ForwardOutput, penalty: Tensor, coefficient: float, name: str
 ) -> LossOutput:
     """sse + coefficient * penalty (Anthropic's form), logging both parts as "recon" and `name`."""
-    recon = sse(x, out.x_hat)
+    recon = sse(y, out.x_hat)
     parts = {"recon": recon.detach(), name: penalty.detach()}
     return LossOutput(recon + coefficient * penalty, out, parts)
 
@@ -106,26 +106,43 @@ class Objective:
     apply_b_dec_to_input: ClassVar[bool] = True
     """Subtract b_dec from inputs before encoding."""
 
-    def __init__(self, cfg: ObjectiveConfig, d_in: int, d_sae: int) -> None:
+    def __init__(
+        self, cfg: ObjectiveConfig, d_in: int, d_sae: int, d_out: int | None = None
+    ) -> None:
         self.cfg = cfg
         self.d_in = d_in
         self.d_sae = d_sae
+        self.d_out = d_out
+        """Width of a transcoder's target (None: a sparse autoencoder)."""
 
-    def dictionary_config(self, d_in: int, d_sae: int) -> DictionaryConfig:
+    def dictionary_config(
+        self, d_in: int, d_sae: int, d_out: int | None = None, skip: bool = False
+    ) -> DictionaryConfig:
         return DictionaryConfig(
             architecture=self.architecture,
             d_in=d_in,
             d_sae=d_sae,
             k=self.cfg.k if architecture_class(self.architecture).needs_k else None,
-            apply_b_dec_to_input=self.apply_b_dec_to_input,
+            # A transcoder's b_dec is in the output space: never subtracted from its input.
+            apply_b_dec_to_input=self.apply_b_dec_to_input and d_out is None,
+            d_out=d_out,
+            skip=skip,
         )
 
     @torch.no_grad()
     def init_weights(self, d: Dictionary, gen: torch.Generator) -> None:
-        """Random decoder rows of norm `decoder_row_norm`, W_enc = W_dec^T, b_enc = 0."""
-        w = torch.randn(d.d_sae, d.d_in, generator=gen, device=gen.device)
+        """Random decoder rows of norm `decoder_row_norm`, W_enc = W_dec^T, b_enc = 0.
+
+        A transcoder's encoder reads another space than its decoder writes: its columns are
+        drawn on their own, at the norm W_dec^T's would have; W_skip starts at 0."""
+        w = torch.randn(d.d_sae, d.d_out, generator=gen, device=gen.device)
         w = F.normalize(w, dim=-1) * self.decoder_row_norm()
         d.W_dec.copy_(w)
+        if d.cfg.is_transcoder:
+            e = torch.randn(d.d_sae, d.d_in, generator=gen, device=gen.device)
+            w = F.normalize(e, dim=-1) * self.decoder_row_norm()
+            if d.cfg.skip:
+                d.get_parameter("W_skip").zero_()
         d.W_enc.copy_(w.T * self.encoder_init_scale())
         d.b_enc.zero_()
 
@@ -136,7 +153,11 @@ class Objective:
         """W_enc starts as W_dec^T times this."""
         return 1.0
 
-    def loss(self, d: Dictionary, x: Float[Tensor, "B D"], ctx: StepContext) -> LossOutput:
+    def loss(
+        self, d: Dictionary, x: Float[Tensor, "B D"], y: Float[Tensor, "B O"], ctx: StepContext
+    ) -> LossOutput:
+        """The loss of reconstructing `y` from `x`: `y` is `x` itself for a sparse autoencoder,
+        the target activation (e.g. the MLP's output) for a transcoder."""
         raise NotImplementedError
 
     def before_optimizer_step(self, d: Dictionary) -> None:

@@ -74,14 +74,16 @@ class JumpReLU(Objective):
         super().init_weights(d, gen)
         d.get_parameter("threshold").fill_(self.cfg.jumprelu_init_threshold)
 
-    def loss(self, d: Dictionary, x: Float[Tensor, "B D"], ctx: StepContext) -> LossOutput:
+    def loss(
+        self, d: Dictionary, x: Float[Tensor, "B D"], y: Float[Tensor, "B O"], ctx: StepContext
+    ) -> LossOutput:
         theta = d.get_parameter("threshold")
         eps = self.cfg.jumprelu_bandwidth
         pre = d.pre_activations(x)
         f = JumpReLUFn.apply(pre, theta, eps)
-        out = ForwardOutput(x_hat=d.decode(f), feature_acts=f, pre_acts=pre)
+        out = d.with_skip(x, ForwardOutput(x_hat=d.decode(f), feature_acts=f, pre_acts=pre))
         l0 = StepFn.apply(pre, theta, eps).sum(-1).mean()
-        return penalized_sse(x, out, l0, ctx.sparsity_coefficient, "l0_penalty")
+        return penalized_sse(y, out, l0, ctx.sparsity_coefficient, "l0_penalty")
 
     @torch.no_grad()
     def after_optimizer_step(self, d: Dictionary, out: ForwardOutput) -> None:

@@ -68,7 +68,7 @@ def prefix_reconstructions(
     counts = torch.bincount(bag, minlength=batch * n_bags)
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     bags = codes._replace(rows=bag, offsets=offsets)
-    decoded = decode_active(values, bags, d.W_dec).view(batch, n_bags, d.d_in)
+    decoded = decode_active(values, bags, d.W_dec).view(batch, n_bags, d.d_out)
     prefixes = [decoded[:, 0] + d.b_dec]
     for i in range(1, n_bags):  # a running sum; cumsum over the short middle dim is slower
         prefixes.append(prefixes[-1] + decoded[:, i])
@@ -79,8 +79,10 @@ def prefix_reconstructions(
 class MatryoshkaBatchTopK(BatchTopK):
     architecture = "batchtopk"
 
-    def __init__(self, cfg: ObjectiveConfig, d_in: int, d_sae: int) -> None:
-        super().__init__(cfg, d_in, d_sae)
+    def __init__(
+        self, cfg: ObjectiveConfig, d_in: int, d_sae: int, d_out: int | None = None
+    ) -> None:
+        super().__init__(cfg, d_in, d_sae, d_out)
         self._kept: Tensor | None = None
         """The last step's kept activations (what the threshold estimate needs)."""
         self._prefix_kth: dict[int, float] = {}
@@ -90,7 +92,9 @@ class MatryoshkaBatchTopK(BatchTopK):
     def widths(self) -> list[int]:
         return prefix_widths(self.cfg.matryoshka_prefixes, self.d_sae)
 
-    def loss(self, d: Dictionary, x: Float[Tensor, "B D"], ctx: StepContext) -> LossOutput:
+    def loss(
+        self, d: Dictionary, x: Float[Tensor, "B D"], y: Float[Tensor, "B O"], ctx: StepContext
+    ) -> LossOutput:
         assert self.cfg.k is not None
         pre = d.pre_activations(x)
         B, F_ = pre.shape
@@ -108,11 +112,14 @@ class MatryoshkaBatchTopK(BatchTopK):
             codes = codes_from_pairs(rows, cols, B, F_)
             values = torch.relu(gather_pre_acts(d, x, pre, codes))
             x_hats = prefix_reconstructions(d, values, codes, widths)
+        skip = d.skip_output(x)  # a skip transcoder's linear path belongs to every prefix
+        if skip is not None:
+            x_hats = [x_hat + skip for x_hat in x_hats]
         self._kept = values.detach()
         f = ranked.new_zeros(ranked.shape).index_put_((codes.rows, codes.cols), self._kept)
         out = ForwardOutput(x_hat=x_hats[-1], feature_acts=f, pre_acts=pre, active=codes)
-        total = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-        errors = [F.mse_loss(x_hat, x, reduction="sum") / total for x_hat in x_hats]
+        total = (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
+        errors = [F.mse_loss(x_hat, y, reduction="sum") / total for x_hat in x_hats]
         per_prefix = torch.stack(errors)
         loss = per_prefix.sum()
         parts = {"fvu": per_prefix[-1].detach(), "fvu_prefix_sum": loss.detach()}
@@ -120,7 +127,7 @@ class MatryoshkaBatchTopK(BatchTopK):
             parts[f"fvu_prefix_{width}"] = value.detach()
         if self.cfg.auxk_coefficient > 0:
             dead = ctx.tokens_since_fired >= self.cfg.dead_tokens
-            aux = auxk_loss(d, x, out, dead, self.auxk_k())
+            aux = auxk_loss(d, x, y, out, dead, self.auxk_k())
             # Weighed against the sum of len(widths) prefix errors as topk's against one.
             loss = loss + len(widths) * self.cfg.auxk_coefficient * aux
             parts["auxk"] = aux.detach()

@@ -34,7 +34,9 @@ class ReluL1(Objective):
         # decoder_init_norm (0.1, SAELens's default) makes short runs converge.
         return self.cfg.decoder_init_norm
 
-    def loss(self, d: Dictionary, x: Float[Tensor, "B D"], ctx: StepContext) -> LossOutput:
+    def loss(
+        self, d: Dictionary, x: Float[Tensor, "B D"], y: Float[Tensor, "B O"], ctx: StepContext
+    ) -> LossOutput:
         out = d(x)
         l1 = out.feature_acts.sum(-1).mean()  # ReLU codes are >= 0: |f| = f, no abs pass
-        return penalized_sse(x, out, l1, ctx.sparsity_coefficient, "l1")
+        return penalized_sse(y, out, l1, ctx.sparsity_coefficient, "l1")

@@ -40,10 +40,12 @@ class ReluL12024(Objective):
     def decoder_row_norm(self) -> float:
         return self.cfg.decoder_init_norm
 
-    def loss(self, d: Dictionary, x: Float[Tensor, "B D"], ctx: StepContext) -> LossOutput:
+    def loss(
+        self, d: Dictionary, x: Float[Tensor, "B D"], y: Float[Tensor, "B O"], ctx: StepContext
+    ) -> LossOutput:
         out = d(x)
         l1 = (out.feature_acts * d.W_dec.norm(dim=-1)).sum(-1).mean()
-        return penalized_sse(x, out, l1, ctx.sparsity_coefficient, "l1")
+        return penalized_sse(y, out, l1, ctx.sparsity_coefficient, "l1")
 
     def finalize(self, d: Dictionary) -> Dictionary:
         fold_decoder_norms_(d)

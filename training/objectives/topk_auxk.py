@@ -20,16 +20,18 @@ from training.objectives.base import LossOutput, Objective, StepContext, fvu, re
 def auxk_loss(
     d: Dictionary,
     x: Float[Tensor, "B D"],
+    y: Float[Tensor, "B O"],
     out: ForwardOutput,
     dead: Tensor,
     auxk_k: int,
 ) -> Tensor:
-    """FVU of the residual reconstructed from the top-`auxk_k` dead latents (0 if none dead)."""
+    """FVU of the residual y - y_hat reconstructed from the top-`auxk_k` dead latents of x's
+    codes (0 if none dead; y is x for a sparse autoencoder)."""
     n_dead = int(dead.sum())
     if n_dead == 0:
         return x.new_zeros(())
     k_aux = min(auxk_k, n_dead)
-    residual = (x - out.x_hat).detach()
+    residual = (y - out.x_hat).detach()
     dead_ids = dead.nonzero().squeeze(-1)  # rank the dead columns only, not all B x F
     acts, j = out.pre_acts.index_select(1, dead_ids).topk(k_aux, dim=-1, sorted=False)
     idx = dead_ids[j]
@@ -50,16 +52,18 @@ class TopKAuxK(Objective):
     unit_norm_decoder = True
 
     def auxk_k(self) -> int:
-        return self.cfg.auxk_k or max(1, self.d_in // 2)
+        return self.cfg.auxk_k or max(1, (self.d_out or self.d_in) // 2)
 
-    def loss(self, d: Dictionary, x: Float[Tensor, "B D"], ctx: StepContext) -> LossOutput:
+    def loss(
+        self, d: Dictionary, x: Float[Tensor, "B D"], y: Float[Tensor, "B O"], ctx: StepContext
+    ) -> LossOutput:
         out = d(x)
-        main = fvu(x, out.x_hat)
+        main = fvu(y, out.x_hat)
         parts = {"fvu": main.detach()}
         loss = main
         if self.cfg.auxk_coefficient > 0:
             dead = ctx.tokens_since_fired >= self.cfg.dead_tokens
-            aux = auxk_loss(d, x, out, dead, self.auxk_k())
+            aux = auxk_loss(d, x, y, out, dead, self.auxk_k())
             loss = loss + self.cfg.auxk_coefficient * aux
             parts["auxk"] = aux.detach()
         return LossOutput(loss, out, parts)
